@@ -1,0 +1,61 @@
+# allcnn: one-command set-up, tests and the main job.  `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SETUP_STAMP    := $(VENV)/.setup-stamp
+BACKENDS_STAMP := $(VENV)/.backends-stamp
+
+export JUPYTER_PLATFORM_DIRS := 1
+export TF_CPP_MIN_LOG_LEVEL  := 3
+export PYTHONDONTWRITEBYTECODE := 1
+
+NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
+               --nbval-cell-timeout=600
+
+.PHONY: help setup test lint unit nbtest run notebooks lab data sample clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(SETUP_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(BACKENDS_STAMP): $(SETUP_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,backends]'
+	touch $@
+
+setup: $(SETUP_STAMP)  ## create .venv and install the project with its test extra
+
+lint: $(SETUP_STAMP)  ## ruff on the library, tests, scripts and notebooks
+	$(BIN)/ruff check allcnn_lib tests scripts benchmarks notebooks
+
+unit: $(BACKENDS_STAMP)  ## unit tests only (quick mode)
+	ALLCNN_QUICK=1 $(BIN)/python -m pytest tests
+
+nbtest: $(SETUP_STAMP)  ## notebooks under nbval only (quick mode)
+	ALLCNN_QUICK=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks
+
+test: $(BACKENDS_STAMP) lint  ## THE test command: ruff, unit tests and nbval on every notebook, quick mode
+	ALLCNN_QUICK=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) tests notebooks
+
+run: $(SETUP_STAMP)  ## the main job: execute every notebook on the default data, render HTML under build/
+	$(BIN)/python scripts/run_notebooks.py --out build
+
+notebooks: $(SETUP_STAMP)  ## re-execute the notebooks in place (standard run; refreshes saved outputs)
+	$(BIN)/python scripts/run_notebooks.py --inplace
+
+lab: $(SETUP_STAMP)  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+data:  ## unpack the full CIFAR-10 (JPEG copy) from ../shared/ into data/ (project machines only)
+	@test -f ../shared/cifar10/unpack.py || { echo "no ../shared/cifar10 here: load_cifar10() downloads the official archive instead"; exit 1; }
+	$(BIN)/python ../shared/cifar10/unpack.py data/
+
+sample: $(SETUP_STAMP)  ## rebuild the shipped sample data/cifar10_sample.npz from ../shared/cifar10
+	$(BIN)/python scripts/make_sample.py
+
+clean:  ## remove build outputs (keeps .venv and data)
+	rm -rf build .pytest_cache

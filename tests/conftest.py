@@ -1,0 +1,28 @@
+"""Shared fixtures: real CIFAR-10 images from the shipped sample (always present)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from allcnn_lib.data import CIFAR10, DEFAULT_DATA_DIR, load_cifar10
+
+
+@pytest.fixture(scope="session")
+def cifar_sample() -> CIFAR10:
+    """The shipped sample: 1,800 train, 200 validation, 1,000 test real images (uint8 NHWC)."""
+    return load_cifar10(sample=True)
+
+
+@pytest.fixture(scope="session")
+def full_cifar10_dir():
+    """The unpacked full set under data/, or skip (CI unpacks it when ../shared/ is there)."""
+    folder = DEFAULT_DATA_DIR / "cifar-10-batches-py"
+    if not (folder / "test_batch").is_file():
+        pytest.skip("full CIFAR-10 not unpacked under data/ (optional)")
+    return folder
+
+
+def pytest_configure(config):
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")

@@ -1,0 +1,351 @@
+"""Tests of allcnn_lib.data: finding, reading, checking and splitting CIFAR-10."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from allcnn_lib import data as D
+from allcnn_lib.data import CIFAR10Error, load_cifar10
+
+# --------------------------------------------------------------------------- helpers
+
+
+def fake_batch(n: int, seed: int, label_offset: int = 0) -> tuple[np.ndarray, list[int]]:
+    """Rows in the official channel-first layout, with balanced labels."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = [(i + label_offset) % 10 for i in range(n)]
+    return rows, labels
+
+
+def write_batch(path: Path, rows: np.ndarray, labels, *, keys_as_bytes: bool = True) -> None:
+    batch = {"data": rows, "labels": labels, "batch_label": "fake", "filenames": []}
+    if keys_as_bytes:
+        batch = {k.encode(): v for k, v in batch.items()}
+    with open(path, "wb") as fh:
+        pickle.dump(batch, fh, protocol=2)
+
+
+def make_batches_dir(root: Path, n: int = 20) -> Path:
+    """A tiny but complete cifar-10-batches-py folder under ``root``."""
+    folder = root / D.BATCHES_DIR
+    folder.mkdir(parents=True)
+    for i, name in enumerate(D.TRAIN_BATCHES):
+        write_batch(folder / name, *fake_batch(n, seed=i))
+    write_batch(folder / D.TEST_BATCH, *fake_batch(n, seed=99))
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [c.encode() for c in D.CLASS_NAMES]}, fh)
+    return folder
+
+
+def make_archive(root: Path, n: int = 20) -> Path:
+    folder = make_batches_dir(root / "src", n)
+    archive = root / D.ARCHIVE_NAME
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=D.BATCHES_DIR)
+    return archive
+
+
+def no_network(directory: Path) -> Path:
+    raise OSError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    monkeypatch.delenv("ALLCNN_QUICK", raising=False)
+
+
+@pytest.fixture
+def empty_data_dir(tmp_path) -> Path:
+    """A data/ folder holding only the shipped sample (as on a user's fresh clone offline)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / D.SAMPLE_NAME).write_bytes((D.DEFAULT_DATA_DIR / D.SAMPLE_NAME).read_bytes())
+    return folder
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def test_rows_to_images_channel_first_to_last_on_hand_made_file(tmp_path):
+    """One hand-made image: red ramp, green constant, blue marks pixel (row 2, col 5)."""
+    red = np.arange(1024, dtype=np.uint16).reshape(32, 32) % 256
+    green = np.full((32, 32), 7)
+    blue = np.zeros((32, 32))
+    blue[2, 5] = 200
+    row = np.concatenate([red.ravel(), green.ravel(), blue.ravel()]).astype(np.uint8)
+    folder = tmp_path / D.BATCHES_DIR
+    folder.mkdir()
+    for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
+        write_batch(folder / name, np.tile(row, (10, 1)), list(range(10)))
+    x_train, _, x_test, _ = D.read_batches_dir(folder)
+    image = x_test[0]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], red)
+    assert (image[..., 1] == 7).all()
+    assert image[2, 5, 2] == 200 and image[..., 2].sum() == 200
+    # The seed's bug: reshaping the rows straight to (32, 32, 3) interleaves the planes.
+    scrambled = row.reshape(32, 32, 3)
+    assert not np.array_equal(scrambled, image)
+    np.testing.assert_array_equal(x_train[0], image)
+
+
+def test_rows_to_images_rejects_wrong_width():
+    with pytest.raises(ValueError, match="3072"):
+        D.rows_to_images(np.zeros((2, 3000), np.uint8))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_reads_batches_dir_passed_as_path(tmp_path):
+    folder = make_batches_dir(tmp_path)
+    d = load_cifar10(folder, validation_size=10)
+    assert d.x_train.shape == (90, 32, 32, 3) and d.x_val.shape == (10, 32, 32, 3)
+    assert d.x_test.shape == (20, 32, 32, 3)
+    assert d.y_train.dtype == np.int64 and d.x_train.dtype == np.uint8
+    assert d.class_names == D.CLASS_NAMES and not d.is_sample
+    # the parent folder works too
+    assert load_cifar10(tmp_path, validation_size=10).source == str(folder)
+
+
+def test_reads_archive_without_unpacking(tmp_path):
+    archive = make_archive(tmp_path)
+    from_tar = load_cifar10(archive, validation_size=10)
+    from_dir = load_cifar10(tmp_path / "src", validation_size=10)
+    np.testing.assert_array_equal(from_tar.x_train, from_dir.x_train)
+    np.testing.assert_array_equal(from_tar.y_test, from_dir.y_test)
+
+
+def test_search_order_env_then_data_dir(tmp_path, monkeypatch, empty_data_dir):
+    env_root = tmp_path / "env"
+    make_batches_dir(env_root, n=10)
+    make_batches_dir(empty_data_dir, n=20)
+    monkeypatch.setenv("CIFAR10_DIR", str(env_root))
+    assert len(load_cifar10(data_dir=empty_data_dir, validation_size=0).y_test) == 10
+    monkeypatch.delenv("CIFAR10_DIR")
+    assert len(load_cifar10(data_dir=empty_data_dir, validation_size=0).y_test) == 20
+    # an explicit path beats both
+    explicit = make_batches_dir(tmp_path / "explicit", n=30)
+    assert len(load_cifar10(explicit, data_dir=empty_data_dir, validation_size=0).y_test) == 30
+
+
+def test_data_dir_archive_used_when_no_folder(tmp_path, empty_data_dir):
+    archive = make_archive(tmp_path)
+    archive.rename(empty_data_dir / D.ARCHIVE_NAME)
+    d = load_cifar10(data_dir=empty_data_dir, validation_size=10, downloader=no_network)
+    assert d.source.endswith(D.ARCHIVE_NAME) and len(d.y_test) == 20
+
+
+def test_download_is_atomic_and_md5_checked(tmp_path, empty_data_dir, monkeypatch):
+    archive = make_archive(tmp_path)
+    monkeypatch.setattr(D, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+
+    def fake_download(directory: Path) -> Path:
+        target = directory / D.ARCHIVE_NAME
+        target.write_bytes(archive.read_bytes())
+        return target
+
+    d = load_cifar10(data_dir=empty_data_dir, validation_size=10, downloader=fake_download)
+    assert d.source == str(empty_data_dir / D.ARCHIVE_NAME)
+    assert sorted(p.name for p in empty_data_dir.iterdir()) == [D.ARCHIVE_NAME, D.SAMPLE_NAME]
+
+
+def test_download_with_wrong_md5_leaves_nothing(tmp_path, empty_data_dir):
+    def corrupt_download(directory: Path) -> Path:
+        target = directory / D.ARCHIVE_NAME
+        target.write_bytes(b"not the archive")
+        return target
+
+    with pytest.raises(CIFAR10Error, match=r"md5 is .* expected c58f30108f718f92721af3b95e74349a"):
+        load_cifar10(data_dir=empty_data_dir, downloader=corrupt_download, allow_sample=False)
+    assert [p.name for p in empty_data_dir.iterdir()] == [D.SAMPLE_NAME]
+
+
+def test_download_interrupted_leaves_nothing(empty_data_dir):
+    def interrupted(directory: Path) -> Path:
+        (directory / D.ARCHIVE_NAME).write_bytes(b"half")
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.raises(CIFAR10Error, match="download failed"):
+        load_cifar10(data_dir=empty_data_dir, downloader=interrupted, allow_sample=False)
+    assert [p.name for p in empty_data_dir.iterdir()] == [D.SAMPLE_NAME]
+
+
+def test_no_network_falls_back_to_sample_with_one_line_notice(empty_data_dir, capsys):
+    d = load_cifar10(data_dir=empty_data_dir, downloader=no_network)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Notice:") and "sample" in err[0]
+    assert "CIFAR10_DIR" in err[0]
+    assert d.is_sample and len(d.y_train) + len(d.y_val) == 2000 and len(d.y_test) == 1000
+
+
+def test_no_network_without_sample_fallback_is_a_clear_error(empty_data_dir):
+    with pytest.raises(CIFAR10Error) as info:
+        load_cifar10(data_dir=empty_data_dir, downloader=no_network, allow_sample=False)
+    message = str(info.value)
+    assert "download failed" in message and "Fix:" in message and "\n" not in message
+
+
+def test_download_off_and_nothing_found(empty_data_dir):
+    with pytest.raises(CIFAR10Error, match="download is off"):
+        load_cifar10(data_dir=empty_data_dir, download=False, allow_sample=False)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_explicit_folder(tmp_path):
+    with pytest.raises(CIFAR10Error, match=r"does not exist.*Fix:"):
+        load_cifar10(tmp_path / "nowhere")
+
+
+def test_env_pointing_at_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
+    with pytest.raises(CIFAR10Error, match=r"\$CIFAR10_DIR.*holds no CIFAR-10 data"):
+        load_cifar10()
+
+
+def test_missing_batch_file(tmp_path):
+    folder = make_batches_dir(tmp_path)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(CIFAR10Error, match=r"missing data_batch_3.*Fix:"):
+        load_cifar10(folder)
+
+
+def test_truncated_batch_file_names_the_file(tmp_path):
+    folder = make_batches_dir(tmp_path)
+    raw = (folder / "data_batch_2").read_bytes()
+    (folder / "data_batch_2").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CIFAR10Error, match=r"data_batch_2: not a readable CIFAR-10 batch"):
+        load_cifar10(folder)
+
+
+def test_garbage_batch_file(tmp_path):
+    folder = make_batches_dir(tmp_path)
+    (folder / D.TEST_BATCH).write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CIFAR10Error, match=r"test_batch: not a readable"):
+        load_cifar10(folder)
+
+
+@pytest.mark.parametrize(
+    "rows, labels, problem",
+    [
+        (np.zeros((10, 3000), np.uint8), list(range(10)), r"'data' has shape \(10, 3000\)"),
+        (np.zeros((10, 3072), np.float32), list(range(10)), "dtype float32"),
+        (np.zeros((10, 3072), np.uint8), list(range(9)), r"'labels' has shape \(9,\)"),
+        (np.zeros((10, 3072), np.uint8), [12] * 10, r"labels outside 0..9"),
+    ],
+)
+def test_wrong_array_shapes(tmp_path, rows, labels, problem):
+    folder = make_batches_dir(tmp_path)
+    write_batch(folder / "data_batch_1", rows, labels)
+    with pytest.raises(CIFAR10Error, match=problem):
+        load_cifar10(folder)
+
+
+def test_batch_without_data_key(tmp_path):
+    folder = make_batches_dir(tmp_path)
+    with open(folder / "data_batch_4", "wb") as fh:
+        pickle.dump({b"images": []}, fh)
+    with pytest.raises(CIFAR10Error, match="no 'data' or 'labels'"):
+        load_cifar10(folder)
+
+
+def test_corrupt_archive(tmp_path):
+    archive = make_archive(tmp_path)
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CIFAR10Error, match=r"cifar-10-python.tar.gz.*Fix: delete"):
+        load_cifar10(archive)
+
+
+def test_archive_missing_member(tmp_path):
+    folder = make_batches_dir(tmp_path / "src")
+    archive = tmp_path / D.ARCHIVE_NAME
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "data_batch_1", arcname=f"{D.BATCHES_DIR}/data_batch_1")
+    with pytest.raises(CIFAR10Error, match="the archive lacks data_batch_2"):
+        load_cifar10(archive)
+
+
+def test_corrupt_sample_is_caught_by_md5(empty_data_dir):
+    path = empty_data_dir / D.SAMPLE_NAME
+    raw = bytearray(path.read_bytes())
+    raw[1000] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CIFAR10Error, match=r"md5 is .*git checkout data/cifar10_sample.npz"):
+        load_cifar10(data_dir=empty_data_dir, sample=True)
+
+
+def test_missing_sample(tmp_path):
+    with pytest.raises(CIFAR10Error, match="shipped sample is missing"):
+        load_cifar10(data_dir=tmp_path, sample=True)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_sample_is_real_balanced_and_deterministic(cifar_sample):
+    d = cifar_sample
+    assert d.is_sample
+    assert np.bincount(d.y_test).tolist() == [100] * 10
+    assert np.bincount(d.y_val).tolist() == [20] * 10
+    assert np.bincount(d.y_train).tolist() == [180] * 10
+    # real photographs, not noise: neighbouring pixels are strongly correlated
+    x = d.x_test.astype(np.float32)
+    corr = np.corrcoef(x[:, :, :-1].ravel(), x[:, :, 1:].ravel())[0, 1]
+    assert corr > 0.8
+    again = load_cifar10(sample=True)
+    np.testing.assert_array_equal(again.x_train, d.x_train)
+    np.testing.assert_array_equal(again.y_val, d.y_val)
+
+
+def test_quick_mode_forces_sample(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALLCNN_QUICK", "1")
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "ignored"))
+    assert load_cifar10().is_sample
+
+
+def test_validation_split_is_disjoint_seeded_and_balanced():
+    y = np.repeat(np.arange(10), 50)
+    train, val = D.train_validation_split(y, 100, seed=3)
+    assert len(set(train) & set(val)) == 0 and len(train) + len(val) == 500
+    assert np.bincount(y[val]).tolist() == [10] * 10
+    t2, v2 = D.train_validation_split(y, 100, seed=3)
+    np.testing.assert_array_equal(val, v2)
+    _, v3 = D.train_validation_split(y, 100, seed=4)
+    assert not np.array_equal(np.sort(val), np.sort(v3))
+
+
+def test_limit_gives_balanced_subset(cifar_sample):
+    d = load_cifar10(sample=True, limit=300, test_limit=100, validation_size=50)
+    assert len(d.y_train) == 250 and len(d.y_val) == 50 and len(d.y_test) == 100
+    assert np.bincount(d.y_train + 0, minlength=10).tolist() == [25] * 10
+    assert np.bincount(d.y_test).tolist() == [10] * 10
+
+
+def test_bad_subset_sizes():
+    y = np.repeat(np.arange(10), 5)
+    with pytest.raises(ValueError, match="multiple of 10"):
+        D.balanced_subset(y, 15)
+    with pytest.raises(ValueError, match="fewer than 6"):
+        D.balanced_subset(y, 60)
+    with pytest.raises(ValueError, match="validation_size"):
+        D.train_validation_split(y, 50)
+
+
+def test_full_set_split(full_cifar10_dir):
+    """On the unpacked CIFAR-10 (JPEG copy): 45,000 / 5,000 / 10,000, balanced test set."""
+    d = load_cifar10(full_cifar10_dir)
+    assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (45_000, 5_000, 10_000)
+    assert np.bincount(d.y_test).tolist() == [1000] * 10
+    assert np.bincount(d.y_val).tolist() == [500] * 10
+    assert d.x_train.shape[1:] == (32, 32, 3) and d.x_train.dtype == np.uint8

@@ -1,0 +1,102 @@
+"""Checks of the saved notebooks themselves (nbval runs them; this checks how they are saved).
+
+A notebook must be readable on GitHub as saved: executed in order by a ``python3`` kernel, with
+outputs and PNG figures, no error outputs, and the course structure every notebook shares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+REQUIRED_SECTIONS = ("what you will learn", "setup", "summary", "exercises", "further reading")
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+
+
+def markdown(nb: dict) -> str:
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no numbered notebooks under notebooks/"
+    assert NOTEBOOKS[0].name.startswith("00_")
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
+def notebook(request) -> tuple[Path, dict]:
+    return request.param, load(request.param)
+
+
+def test_saved_with_python3_kernel(notebook):
+    path, nb = notebook
+    assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name
+
+
+def test_executed_in_order_with_real_counts(notebook):
+    path, nb = notebook
+    counts = [c["execution_count"] for c in code_cells(nb)]
+    assert None not in counts, f"{path.name}: a code cell was saved unexecuted"
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: counts {counts}"
+
+
+def test_no_error_outputs(notebook):
+    path, nb = notebook
+    for cell in code_cells(nb):
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"{path.name}: saved with an error output"
+            assert not (out.get("name") == "stderr" and "Traceback" in "".join(out["text"]))
+
+
+def test_has_outputs_and_png_figures_only(notebook):
+    path, nb = notebook
+    outputs = [o for c in code_cells(nb) for o in c.get("outputs", [])]
+    assert outputs, f"{path.name}: saved without outputs"
+    mimes = {m for o in outputs for m in o.get("data", {})}
+    assert "image/png" in mimes, f"{path.name}: no PNG figure"
+    assert "image/svg+xml" not in mimes, f"{path.name}: SVG outputs are compared as text"
+    for o in outputs:
+        text = "".join(o.get("data", {}).get("text/plain", ""))
+        assert not re.search(r"<matplotlib\.\w+\.\w+ (object )?at 0x", text), (
+            f"{path.name}: a stray matplotlib repr; end plotting lines with ';'")
+
+
+def test_course_structure(notebook):
+    path, nb = notebook
+    first = "".join(nb["cells"][0]["source"])
+    assert nb["cells"][0]["cell_type"] == "markdown" and first.startswith("# "), (
+        f"{path.name}: the first cell must be a markdown title")
+    headings = [h.strip().lower() for h in re.findall(r"^#+\s+(.*)$", markdown(nb), re.M)]
+    for section in REQUIRED_SECTIONS:
+        assert any(h.startswith(section) for h in headings), f"{path.name}: no '{section}'"
+
+
+def test_three_exercises_with_hidden_solutions(notebook):
+    path, nb = notebook
+    text = markdown(nb)
+    exercises = re.findall(r"^\*\*Exercise \d+", text, re.M)
+    solutions = re.findall(r"<details>\s*<summary>Solution", text)
+    assert len(exercises) >= 3, f"{path.name}: {len(exercises)} exercises"
+    assert len(solutions) >= len(exercises), f"{path.name}: an exercise lacks a hidden solution"
+
+
+def test_checked_teaching_cells_and_library_imports(notebook):
+    path, nb = notebook
+    sources = ["".join(c["source"]) for c in code_cells(nb)]
+    assert any("# NBVAL_CHECK_OUTPUT" in s for s in sources), (
+        f"{path.name}: no deterministic cell is checked exactly")
+    assert any("allcnn_lib" in s for s in sources), f"{path.name}: does not use allcnn_lib"
+    for s in sources:
+        assert not re.search(r"^(def|class) ", s, re.M), (
+            f"{path.name}: defines a function or class; shared code belongs in allcnn_lib")
