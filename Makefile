@@ -30,7 +30,7 @@ $(BACKENDS_STAMP): $(SETUP_STAMP)
 setup: $(SETUP_STAMP)  ## create .venv and install the project with its test extra
 
 lint: $(SETUP_STAMP)  ## ruff on the library, tests, scripts and notebooks
-	$(BIN)/ruff check allcnn_lib tests scripts benchmarks notebooks
+	$(BIN)/ruff check $(wildcard allcnn_lib tests scripts benchmarks notebooks conftest.py)
 
 unit: $(BACKENDS_STAMP)  ## unit tests only (quick mode)
 	ALLCNN_QUICK=1 $(BIN)/python -m pytest tests
