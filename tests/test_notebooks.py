@@ -97,6 +97,13 @@ def test_checked_teaching_cells_and_library_imports(notebook):
     assert any("# NBVAL_CHECK_OUTPUT" in s for s in sources), (
         f"{path.name}: no deterministic cell is checked exactly")
     assert any("allcnn_lib" in s for s in sources), f"{path.name}: does not use allcnn_lib"
-    for s in sources:
-        assert not re.search(r"^(def|class) ", s, re.M), (
-            f"{path.name}: defines a function or class; shared code belongs in allcnn_lib")
+
+
+def test_no_code_copied_between_notebooks():
+    """A function or class defined in two notebooks belongs in allcnn_lib instead."""
+    defined: dict[str, str] = {}
+    for path in NOTEBOOKS:
+        for cell in code_cells(load(path)):
+            for name in re.findall(r"^(?:def|class) (\w+)", "".join(cell["source"]), re.M):
+                assert defined.setdefault(name, path.name) == path.name, (
+                    f"{name} is defined in {defined[name]} and {path.name}: move it to allcnn_lib")
