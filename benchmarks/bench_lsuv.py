@@ -1,0 +1,154 @@
+"""Time LSUV (Mishkin & Matas 2015, Algorithm 1) on All-CNN-C: ``allcnn_lib.initializers.lsuv``
+against ``lsuv_seed_rebuild``, the seed repository's approach (a new probe model and a
+``predict`` from the input image on every iteration of every layer).
+
+    .venv/bin/python benchmarks/bench_lsuv.py [--images 256] [--repeats 3] [--seed-repeats 3]
+
+Each run builds a fresh All-CNN-C (paper variant) and initializes it on the same batch of real
+CIFAR-10 training images (per-channel standardized). For scale, the table also times one plain
+forward pass of the whole network on that batch: LSUV cannot be cheaper than that. Prints a
+table and writes ``benchmarks/results/lsuv.json``. Timings depend on the machine and on what
+else runs on it; the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from allcnn_lib.data import load_cifar10  # noqa: E402
+from allcnn_lib.initializers import lsuv, lsuv_seed_rebuild  # noqa: E402
+from allcnn_lib.models import all_cnn_c  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "lsuv.json"
+TARGET_S = 2.0  # the goal for ours on the 2-core development machine
+
+
+def real_batch(images: int) -> tuple[np.ndarray, str]:
+    """``images`` real training images, per-channel standardized with the batch's statistics."""
+    data = load_cifar10(limit=max(10 * images, 2000), validation_size=0, verbose=False)
+    x = data.x_train[:images].astype(np.float32) / 255.0
+    x = (x - x.mean(axis=(0, 1, 2))) / x.std(axis=(0, 1, 2))
+    source = "shipped sample" if data.is_sample else "full CIFAR-10"
+    return x.astype(np.float32), source
+
+
+def fresh_model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return all_cnn_c(variant="paper")
+
+
+def _finite(rows: list[dict]) -> list[dict]:
+    """NaN (a skipped layer's variance) -> None, so that the JSON stays strict."""
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in rows]
+
+
+def time_runs(label: str, fn, repeats: int) -> list[float]:
+    seconds = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i)
+        seconds.append(time.perf_counter() - start)
+        print(f"  {label} run {i + 1}/{repeats}: {seconds[-1]:.2f} s", flush=True)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed-repeats", type=int, default=3,
+                        help="runs of the slow seed version (0 skips it)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    x, source = real_batch(args.images)
+    print(f"All-CNN-C, {len(x)} real images ({source}), backend {keras.backend.backend()}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    model = fresh_model(0)
+    model(x[:8], training=False)  # warm-up: kernels, thread pools
+    forward = time_runs("forward pass", lambda i: model(x, training=False), args.repeats)
+
+    reports = {}
+
+    def run_ours(i: int) -> None:
+        m = fresh_model(i)
+        reports["lsuv"] = lsuv(m, x, seed=i)
+
+    def run_seed(i: int) -> None:
+        m = fresh_model(i)
+        reports["seed"] = lsuv_seed_rebuild(m, x, seed=i)
+
+    # Model building is not LSUV: time the lsuv call alone (its report carries the seconds).
+    ours_s, seed_s = [], []
+    for i in range(args.repeats):
+        run_ours(i)
+        ours_s.append(reports["lsuv"].seconds)
+        print(f"  lsuv run {i + 1}/{args.repeats}: {ours_s[-1]:.2f} s", flush=True)
+    for i in range(args.seed_repeats):
+        run_seed(i)
+        seed_s.append(reports["seed"].seconds)
+        print(f"  lsuv_seed_rebuild run {i + 1}/{args.seed_repeats}: {seed_s[-1]:.2f} s",
+              flush=True)
+
+    med = {"forward": statistics.median(forward), "lsuv": statistics.median(ours_s)}
+    if seed_s:
+        med["lsuv_seed_rebuild"] = statistics.median(seed_s)
+    rows = [("one forward pass", forward), ("lsuv (ours)", ours_s)]
+    if seed_s:
+        rows.append(("lsuv_seed_rebuild", seed_s))
+
+    print()
+    print(reports["lsuv"].to_text())
+    if seed_s:
+        print()
+        print(reports["seed"].to_text())
+    print()
+    print(f"{'':20s} {'median s':>9s} {'runs':>22s}  {'x forward':>9s}")
+    for label, secs in rows:
+        runs = ", ".join(f"{s:.2f}" for s in secs)
+        print(f"{label:20s} {statistics.median(secs):9.2f} {runs:>22s}  "
+              f"{statistics.median(secs) / med['forward']:9.2f}")
+    if seed_s:
+        print(f"speed-up of lsuv over the seed's rebuild-every-iteration: "
+              f"{med['lsuv_seed_rebuild'] / med['lsuv']:.1f}x")
+    print(f"target for lsuv: <= {TARGET_S:.1f} s -> "
+          f"{'met' if med['lsuv'] <= TARGET_S else 'not met'} on this machine now")
+
+    result = {
+        "benchmark": "lsuv on All-CNN-C (paper variant)",
+        "images": len(x),
+        "data": source,
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "seconds": {"forward": forward, "lsuv": ours_s, "lsuv_seed_rebuild": seed_s},
+        "median_seconds": med,
+        "speedup": (med["lsuv_seed_rebuild"] / med["lsuv"]) if seed_s else None,
+        "target_seconds": TARGET_S,
+        "reports": {k: _finite(reports[k].as_rows()) for k in ("lsuv", "seed") if k in reports},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
