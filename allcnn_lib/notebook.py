@@ -58,13 +58,17 @@ def silenced_stderr() -> Iterator[None]:
 def quiet_logs() -> None:
     """Silence TensorFlow's and absl's start-up chatter and known harmless warnings.
 
-    TensorFlow's CUDA probe ("Could not find cuda drivers ...") is printed by C++ before its
-    log level is read, so the first import happens with stderr silenced.
+    TensorFlow's CUDA probes ("Could not find cuda drivers ...", "failed call to cuInit") are
+    printed by C++ before its log level is read, so the import and the first op run with
+    stderr silenced.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
         with silenced_stderr():
-            import tensorflow  # noqa: F401
+            import tensorflow as tf
+
+            # the first op probes for CUDA and prints "failed call to cuInit" on CPU machines
+            tf.constant(0.0) + 1.0
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
