@@ -6,8 +6,11 @@ callers can save it (``fig.savefig(path)``).
 
 from __future__ import annotations
 
+import csv
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -99,3 +102,128 @@ def pixel_histograms(images: np.ndarray, *, title: str = "Pixel values") -> Figu
     ax.legend(title="channel")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def read_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A CSV file with a header (``history.csv``, ``batches.csv``) as float columns."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                columns.setdefault(key, []).append(np.nan)
+    return {k: np.asarray(v, float) for k, v in columns.items()}
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
+    """Exponential moving average with TensorBoard's start-up correction (``weight`` in [0, 1))."""
+    values = np.asarray(values, float)
+    out = np.empty_like(values)
+    avg, norm = 0.0, 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out[i] = avg / norm
+    return out
+
+
+def training_curves(history: Mapping[str, Sequence[float]] | str | os.PathLike,
+                    metric: str = "accuracy", *,
+                    batches: Mapping[str, Sequence[float]] | str | os.PathLike | None = None,
+                    smoothing: float = 0.9, title: str | None = None) -> Figure:
+    """``metric`` ("accuracy" or "loss") against epochs: training and validation per epoch and,
+    with ``batches`` (``batches.csv``), every training batch, faint, with a smoothed line.
+
+    ``history`` is ``history.csv`` (a path) or its columns (epochs counted from 0, as Keras'
+    CSVLogger writes them); each epoch's value is drawn at its end (x = epoch + 1).
+    """
+    if not isinstance(history, Mapping):
+        history = read_columns(history)
+    if batches is not None and not isinstance(batches, Mapping):
+        batches = read_columns(batches)
+    epochs = np.asarray(history.get("epoch", np.arange(len(history.get(metric, [])))), float)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if batches is not None and len(batches.get(metric, ())):
+        steps_per_epoch = float(np.nanmax(batches["batch"])) + 1
+        x = (np.asarray(batches["step"], float) + 1) / steps_per_epoch
+        ax.plot(x, batches[metric], color="tab:blue", alpha=0.2, lw=0.8,
+                label="training, per batch")
+        ax.plot(x, smooth(batches[metric], smoothing), color="tab:blue", lw=1.2, alpha=0.7,
+                label=f"training, per batch (smoothed {smoothing})")
+    if metric in history:
+        ax.plot(epochs + 1, history[metric], "o-", color="tab:blue", ms=3,
+                label="training (epoch mean)")
+    if f"val_{metric}" in history:
+        ax.plot(epochs + 1, history[f"val_{metric}"], "s-", color="tab:orange", ms=3,
+                label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    if metric == "accuracy":
+        ax.set_ylim(0, 1)
+    ax.set_title(title or f"Training and validation {metric}")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_plot(confusion: np.ndarray, class_names: Sequence[str], *,
+                          normalize: bool = True, title: str = "Confusion matrix") -> Figure:
+    """A seaborn heatmap of a confusion matrix (rows: true class, columns: predicted class).
+
+    ``normalize`` shows each row as shares of the true class (the diagonal is the per-class
+    accuracy); the cells are annotated either way.
+    """
+    import seaborn as sns
+
+    cm = np.asarray(confusion, float)
+    values = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    fig, ax = plt.subplots(figsize=(8, 6.8))
+    sns.heatmap(values, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues",
+                xticklabels=class_names, yticklabels=class_names, square=True, cbar=True,
+                vmin=0, vmax=1 if normalize else None, annot_kws={"fontsize": 8}, ax=ax)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    ax.tick_params(axis="y", rotation=0)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120,
+                close: bool = False) -> Path:
+    """Save ``fig`` as PNG atomically (temporary file, then ``os.replace``); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if close:
+            plt.close(fig)
+    return path
+
+
+def save_run_plots(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Draw ``accuracy.png`` and ``loss.png`` of a run folder from its CSV files."""
+    run_dir = Path(run_dir)
+    history_csv = run_dir / "history.csv"
+    if not history_csv.is_file():
+        raise FileNotFoundError(f"{history_csv}: no such file (not a training run folder?)")
+    history = read_columns(history_csv)
+    batches_csv = run_dir / "batches.csv"
+    batches = read_columns(batches_csv) if batches_csv.is_file() else None
+    out = {}
+    for metric in ("accuracy", "loss"):
+        fig = training_curves(history, metric, batches=batches,
+                              title=f"{run_dir.name}: {metric}")
+        out[metric] = save_figure(fig, run_dir / f"{metric}.png", close=True)
+    return out

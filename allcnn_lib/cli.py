@@ -1,0 +1,425 @@
+"""The ``allcnn`` command (also ``python -m allcnn_lib``): train, evaluate and plot.
+
+Examples::
+
+    allcnn train --arch allcnn --epochs 350 --batch-size 128 --id allcnn_paper
+    allcnn train -id allcnn_paper -batchsize 128 -epochs 350      # the seed's spelling
+    allcnn evaluate --weights runs/allcnn_paper/best.weights.h5   # the seed's test.sh
+    allcnn plot runs/allcnn_paper
+
+With no subcommand, ``train`` is assumed, so the seed's ``python train.py -id X -train 1``
+becomes ``allcnn -id X -train 1``. The seed's single-dash flags (``-id -batchsize -epochs -init
+-retrain -weightspath -train -bn -dropout -f``) are aliases of readable long options.
+
+Exit codes: 0 success; 2 bad flags (argparse); 1 a run-time error (missing weights file,
+unreadable CIFAR-10, weights of another network, ...), reported as one line on stderr,
+``allcnn: error: ...``; set ``ALLCNN_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from allcnn_lib.data import CIFAR10Error, load_cifar10
+
+PROG = "allcnn"
+COMMANDS = ("train", "evaluate", "plot")
+
+# Kept in step with allcnn_lib.training (not imported here: it loads TensorFlow, and bad flags
+# or a missing file should fail fast).
+ARCHS = ("modelc", "strided", "allcnn")
+VARIANTS = ("paper", "seed")
+INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
+                "orthogonal", "lsuv")
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
+SCHEDULES = ("paper", "cosine", "constant", "seed")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if value in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0 (or true/false), got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+#: Network defaults of ``allcnn train``. The parser's defaults are None, so that ``-train 0``
+#: (evaluate) can tell a flag that was given from one that was not and let the run's
+#: config.json decide the rest.
+MODEL_DEFAULTS = {"arch": "allcnn", "variant": "paper", "batch_norm": False, "dropout": True}
+
+
+def _model_options(p: argparse.ArgumentParser, *, training: bool) -> None:
+    """Options that choose the network (None when not given; see ``MODEL_DEFAULTS``)."""
+    default = (" (default: %s)" if training else
+               " (default: from config.json beside the weights, else from the file)")
+    p.add_argument("--arch", choices=ARCHS,
+                   help="network: Model-C, Strided-CNN-C or All-CNN-C"
+                        + (default % "allcnn" if training else default))
+    p.add_argument("--variant", choices=VARIANTS,
+                   help="paper (Table 1) or the seed repository's variant"
+                        + (default % "paper" if training else ""))
+    p.add_argument("-bn", "--bn", "--batch-norm", dest="batch_norm", type=_bool, nargs="?",
+                   const=True, metavar="0/1",
+                   help="batch normalization after every conv (seed: -bn)"
+                        + (default % "0" if training else ""))
+    p.add_argument("-dropout", "--dropout", type=_bool, nargs="?", const=True, metavar="0/1",
+                   help="dropout 0.2 on the input and 0.5 after downsampling (seed: -dropout)"
+                        + (default % "1" if training else ""))
+
+
+def _network(args: argparse.Namespace) -> dict[str, object]:
+    """The network flags of ``allcnn train``, defaults filled in."""
+    return {k: v if (v := getattr(args, k)) is not None else d for k, d in MODEL_DEFAULTS.items()}
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="CIFAR-10 location: a cifar-10-batches-py folder, a folder "
+                                      "holding one, or the .tar.gz (default: data/)")
+    p.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="use a class-balanced subset of N images (a multiple of 10)")
+    p.add_argument("-f", dest="jupyter_file", metavar="FILE",
+                   help="ignored: the seed parsed sys.argv inside Jupyter, whose kernel passes "
+                        "-f KERNEL.json; accepted so that such calls still work")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``allcnn`` (subcommands ``train``, ``evaluate``, ``plot``)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Train and evaluate the All Convolutional Net (Springenberg et al. 2014) "
+                    "on CIFAR-10. With no subcommand, 'train' is assumed.")
+    from allcnn_lib import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
+
+    t = sub.add_parser("train", allow_abbrev=False, help="train a network (writes runs/<id>/)",
+                       description="Train a network on CIFAR-10 and write runs/<id>/: "
+                                   "config.json, history.csv, batches.csv, best/last "
+                                   "weights, accuracy.png, loss.png. Run the same command "
+                                   "again after an interruption to resume.")
+    t.add_argument("-id", "--id", "--run-id", dest="run_id", metavar="ID",
+                   help="run name: the folder runs/<ID>/ (default: from arch, init, "
+                        "optimizer and seed)")
+    _model_options(t, training=True)
+    t.add_argument("-init", "--init", choices=INITIALIZERS, default="glorot_uniform",
+                   help="weight initializer; lsuv = orthogonal + LSUV (default: glorot_uniform)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd (momentum 0.9, Nesterov), rmsprop or adam (default: sgd)")
+    t.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float,
+                   help="learning rate (default: sgd 0.01, rmsprop and adam 0.001)")
+    t.add_argument("--rho", type=float, default=0.9,
+                   help="RMSprop's rho (default 0.9; 0.0 is the seed's unstable setting)")
+    t.add_argument("--schedule", choices=SCHEDULES, default="paper",
+                   help="learning-rate schedule: paper (x0.1 at 200/250/300 of 350 epochs, "
+                        "scaled), cosine (warm-up + cosine), constant, seed (Keras-2 "
+                        "decay=1e-6) (default: paper)")
+    t.add_argument("-epochs", "--epochs", type=_positive_int, default=350,
+                   help="epochs (default: 350, the paper's)")
+    t.add_argument("-batchsize", "--batch-size", dest="batch_size", type=_positive_int,
+                   default=128, help="batch size (default: 128)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random shifts of up to 10%% and horizontal flips (default: on)")
+    t.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
+                   help="the paper's preprocessing: global contrast normalization (norm 55) "
+                        "and ZCA whitening fitted on the training split (default: off)")
+    t.add_argument("--zca-epsilon", type=float, default=0.1,
+                   help="added to the covariance's eigenvalues (default 0.1, the paper's)")
+    t.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="L2 factor on the conv kernels (default 5e-4)")
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
+    t.add_argument("--backup-dir",
+                   help="BackupAndRestore folder for resuming "
+                        "(default: ~/.cache/allcnn/backup/<id>)")
+    t.add_argument("--mixed-precision", action="store_true",
+                   help="train under the mixed_bfloat16 policy")
+    t.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+                   help="mirrored: tf.distribute.MirroredStrategy over all GPUs (or logical "
+                        "CPU devices)")
+    t.add_argument("--verbose", action="store_true",
+                   help="Keras' progress bar even when stdout is not a terminal")
+    t.add_argument("-retrain", "--retrain", type=_bool, nargs="?", const=True, default=False,
+                   metavar="0/1", help="start from trained weights: --weights, else the run's "
+                                       "last.weights.h5 (seed: -retrain)")
+    t.add_argument("-weightspath", "--weights", dest="weights", metavar="PATH",
+                   help="weights for -retrain 1 or -train 0 (seed: -weightspath)")
+    t.add_argument("-train", "--train", dest="do_train", type=_bool, nargs="?", const=True,
+                   default=True, metavar="0/1",
+                   help="1: train (default); 0: evaluate --weights (else the run's "
+                        "best.weights.h5) on the test set, as the seed's -train 0")
+    _data_options(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", allow_abbrev=False,
+                       help="test accuracy, per-class accuracy and confusion matrix",
+                       description="Evaluate trained weights on the CIFAR-10 test set: print "
+                                   "accuracy, loss and per-class accuracy, and write "
+                                   "confusion_matrix.png and evaluation.json.")
+    e.add_argument("--weights", "-weightspath", dest="weights", required=True, metavar="PATH",
+                   help=".weights.h5 (config.json beside it supplies the network) or .keras")
+    _model_options(e, training=False)
+    e.add_argument("-batchsize", "--batch-size", dest="batch_size", type=_positive_int,
+                   default=256, help="batch size (default 256)")
+    e.add_argument("--out", metavar="PATH",
+                   help="confusion-matrix PNG (default: confusion_matrix.png beside the weights)")
+    _data_options(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", allow_abbrev=False, help="redraw a run's training curves",
+                       description="Redraw accuracy.png and loss.png of a run folder from its "
+                                   "history.csv and batches.csv.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/<id>")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (CUDA probes) kept off stderr.
+
+    Those lines come from native code while the library loads, before any Python logging
+    setting applies, so file descriptor 2 is pointed at a temporary file for the import; what
+    it caught is replayed if the import fails. ``ALLCNN_DEBUG=1`` leaves stderr alone.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("ALLCNN_DEBUG"):
+        return
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "2":  # the package's default: quieter
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+
+def _note_ignored(args: argparse.Namespace) -> None:
+    if getattr(args, "jupyter_file", None):
+        print(f"note: -f {args.jupyter_file} ignored (Jupyter's kernel file; the seed parsed "
+              "it by accident)", file=sys.stderr)
+
+
+def _require_file(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CLIError(f"{path}: no such weights file")
+    return path
+
+
+#: ``keras.Model.name`` of each ``--arch`` (as in ``allcnn_lib.training.MODEL_NAMES``).
+MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
+
+
+def _check_arch_early(weights: Path, arch: str | None) -> None:
+    """Fail fast, before TensorFlow loads, when ``--arch`` names another network than the one
+    a ``.weights.h5`` file was saved from (its model name, read with h5py). Anything subtler
+    (batch norm, variant) is caught by the full check when the weights are loaded."""
+    if arch is None or not weights.name.endswith(".h5"):
+        return
+    try:
+        import h5py
+
+        with h5py.File(weights, "r") as f:
+            name = f["vars"].attrs.get("name")
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            sizes: list[int] = []
+            f["layers"].visititems(lambda _, obj: sizes.append(obj.size)
+                                   if isinstance(obj, h5py.Dataset) else None)
+            bn = any(key.startswith("batch_normalization") for key in f["layers"])
+    except Exception:  # unreadable or unusual: the full check reports it
+        return
+    want = MODEL_NAMES[arch]
+    saved_arch = next((k for k, v in MODEL_NAMES.items() if v == name), None)
+    if saved_arch and name != want:
+        what = f"{name}{' with batch norm' if bn else ''} ({sum(sizes):,} params)"
+        raise CLIError(f"{weights.name} holds weights for {what} but the model is {want}; "
+                       f"pass --arch {saved_arch}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``allcnn train``: train (or, with ``-train 0``, evaluate) and print where things went."""
+    _note_ignored(args)
+    run_dir = Path(args.runs_dir) / (args.run_id or "")
+    if not args.do_train:
+        weights = args.weights or (run_dir / "best.weights.h5" if args.run_id else None)
+        if weights is None:
+            raise CLIError("-train 0 needs -weightspath PATH (or -id ID of a run)")
+        eval_args = argparse.Namespace(
+            weights=str(weights), arch=args.arch, variant=args.variant,
+            batch_norm=args.batch_norm, dropout=args.dropout, batch_size=args.batch_size,
+            out=None, data_dir=args.data_dir, limit=args.limit, jupyter_file=None)
+        return cmd_evaluate(eval_args)
+    initial = None
+    if args.retrain:
+        initial = args.weights or (run_dir / "last.weights.h5" if args.run_id else None)
+        if initial is None:
+            raise CLIError("-retrain 1 needs -weightspath PATH (or -id ID of a run)")
+        initial = _require_file(initial)
+        _check_arch_early(initial, _network(args)["arch"])
+        initial = str(initial)
+    data = load_cifar10(args.data_dir, limit=args.limit, seed=args.seed)
+
+    _import_tensorflow_quietly()
+    from allcnn_lib.training import TrainConfig, train
+
+    config = TrainConfig(
+        run_id=args.run_id, **_network(args), init=args.init, optimizer=args.optimizer,
+        learning_rate=args.learning_rate, rho=args.rho, schedule=args.schedule,
+        epochs=args.epochs, batch_size=args.batch_size, augment=args.augment, zca=args.zca,
+        zca_epsilon=args.zca_epsilon, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, limit=args.limit, seed=args.seed,
+        mixed_precision=args.mixed_precision, distribute=args.distribute,
+        data_dir=args.data_dir, runs_dir=args.runs_dir, backup_dir=args.backup_dir,
+        verbose=True if args.verbose else None, initial_weights=initial)
+    print(f"run {config.run_id}: {config.arch} ({config.variant}), {len(data.y_train)} "
+          f"training / {len(data.y_val)} validation images from {data.source}", flush=True)
+    result = train(config, data)
+    print(result, flush=True)
+    if result.terminated_on_nan:
+        raise CLIError(f"the loss became NaN; training stopped after "
+                       f"{result.epochs_completed} epochs (lower the learning rate)")
+    print(f"files in {result.run_dir}: "
+          + ", ".join(sorted(p.name for p in result.files.values())), flush=True)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``allcnn evaluate``: the seed's test.sh: test accuracy, loss, per-class accuracy."""
+    _note_ignored(args)
+    weights = _require_file(args.weights)
+    _check_arch_early(weights, args.arch)
+    data = load_cifar10(args.data_dir, test_limit=args.limit, validation_size=0)
+
+    _import_tensorflow_quietly()
+    from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
+
+    model = load_trained_model(weights, args.arch, variant=args.variant,
+                               batch_norm=args.batch_norm, dropout=args.dropout)
+    result = evaluate(model, data.x_test, data.y_test, args.batch_size,
+                      preprocess=run_preprocess(weights), class_names=data.class_names)
+    out = Path(args.out) if args.out else weights.parent / "confusion_matrix.png"
+    print(f"weights: {weights} ({model.name}, {model.count_params():,} params)")
+    print(f"test images: {result.n} from {data.source}")
+    print(f"test accuracy {result.accuracy:.4f}  loss {result.loss:.4f}  "
+          f"(error {result.error:.2%})")
+    print("per-class accuracy:")
+    print(result.per_class_table())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from allcnn_lib.plots import confusion_matrix_plot, save_figure
+
+    fig = confusion_matrix_plot(result.confusion, result.class_names,
+                                title=f"{weights.name}: test accuracy {result.accuracy:.2%}")
+    save_figure(fig, out, close=True)
+    report = out.with_name(out.stem + ".json") if args.out else weights.parent / (
+        "evaluation.json")
+    from allcnn_lib.training import atomic_write_text
+
+    atomic_write_text(report, json.dumps({"weights": str(weights), "source": data.source,
+                                          **result.to_dict()}, indent=1))
+    print(f"confusion matrix: {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``allcnn plot RUN_DIR``: redraw accuracy.png and loss.png."""
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "history.csv").is_file():
+        raise CLIError(f"{run_dir}: no history.csv (not a training run folder?)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from allcnn_lib.plots import read_columns, save_figure, training_curves
+
+    out_dir = Path(args.out) if args.out else run_dir
+    history = read_columns(run_dir / "history.csv")
+    batches_csv = run_dir / "batches.csv"
+    batches = read_columns(batches_csv) if batches_csv.is_file() else None
+    for metric in ("accuracy", "loss"):
+        fig = training_curves(history, metric, batches=batches,
+                              title=f"{run_dir.name}: {metric}")
+        print(save_figure(fig, out_dir / f"{metric}.png", close=True))
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """Insert ``train`` when no subcommand is given (the seed's ``train.py -id X ...`` form)."""
+    if not argv or argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version"):
+        return argv
+    return ["train", *argv]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    return " ".join(text.split("\n")[0].split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``allcnn`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(_with_default_command(argv))
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `allcnn evaluate ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (CLIError, CIFAR10Error, FileNotFoundError, ValueError) as err:
+        if os.environ.get("ALLCNN_DEBUG"):
+            raise
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

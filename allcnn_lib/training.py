@@ -1,0 +1,989 @@
+"""Train the All-CNN family: optimizers, schedules, the tf.data pipeline, callbacks, ``train``.
+
+``train(TrainConfig(...))`` writes one run folder, ``runs/<id>/``::
+
+    config.json        the TrainConfig and what the run found (model, data, steps, status)
+    history.csv        one row per epoch (keras.callbacks.CSVLogger; epochs counted from 0)
+    batches.csv        one row per training batch: epoch, batch, step, that batch's loss and
+                       accuracy, the epoch's running means, the learning rate of the step
+    best.weights.h5    the weights of the epoch with the best validation accuracy
+    last.weights.h5    the weights after the last completed epoch
+    accuracy.png, loss.png   the training curves (``allcnn_lib.plots``)
+    zca.npz            the GCN + ZCA whitening fitted on the training split (``zca=True`` only)
+
+Reliability: every file above is written to a temporary file and moved into place with
+``os.replace``, so a reader (or a crash) never sees half a checkpoint. A run killed mid-epoch
+and started again with the same config resumes from its last completed epoch
+(``keras.callbacks.BackupAndRestore`` under ``backup_dir``); both CSV files are cut back to the
+restored epoch first, so no epoch or batch appears twice. With the same seed on CPU two runs give
+identical histories (``keras.utils.set_random_seed`` and TensorFlow's op determinism).
+
+The seed repository's optimizer, ``SGD(lr=0.01, momentum=0.9, nesterov=True, decay=1e-6)``, used
+Keras 2's ``decay`` argument, which Keras 3 no longer has (it is ignored with a warning, or an
+error). ``make_optimizer("sgd", schedule="seed")`` states it explicitly as
+``InverseTimeDecay(0.01, decay_steps=1, decay_rate=1e-6)``: lr_k = 0.01 / (1 + 1e-6 k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from allcnn_lib.data import CIFAR10, load_cifar10
+from allcnn_lib.models import ARCHITECTURES, build_model
+from allcnn_lib.preprocessing import (
+    PAPER_GCN_SCALE,
+    PAPER_ZCA_EPSILON,
+    ZCAWhitening,
+    augment_dataset,
+    global_contrast_normalize,
+)
+
+# --------------------------------------------------------------------------- names and defaults
+
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
+SCHEDULES = ("paper", "cosine", "constant", "seed")
+INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
+                "orthogonal", "lsuv")
+DISTRIBUTE = ("none", "mirrored")
+
+#: Default learning rates: the seed's SGD (0.01) and Keras' defaults for RMSprop and Adam.
+DEFAULT_LEARNING_RATES = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001}
+
+#: The paper's schedule (Section 3.2): x0.1 after epochs 200, 250 and 300 of 350.
+PAPER_DROP_EPOCHS = (200, 250, 300)
+PAPER_EPOCHS = 350
+PAPER_DROP_FACTOR = 0.1
+
+#: Keras 2's ``decay`` of the seed's SGD.
+SEED_DECAY = 1e-6
+
+#: Share of the run spent warming up in the "cosine" schedule.
+COSINE_WARMUP_FRACTION = 0.05
+
+#: Largest translation of the augmentation, as a fraction of the image side (3 px of 32).
+MAX_SHIFT = 0.1
+
+#: Batches the input pipeline prepares ahead of the train step (a fixed, small buffer).
+PREFETCH_BATCHES = 2
+
+HISTORY_CSV = "history.csv"
+BATCHES_CSV = "batches.csv"
+CONFIG_JSON = "config.json"
+BEST_WEIGHTS = "best.weights.h5"
+LAST_WEIGHTS = "last.weights.h5"
+ZCA_FILE = "zca.npz"
+BATCH_COLUMNS = ("epoch", "batch", "step", "loss", "accuracy", "epoch_loss", "epoch_accuracy",
+                 "learning_rate")
+
+#: ``keras.Model.name`` of each architecture key (``allcnn_lib.models``).
+MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
+
+_TMP_MARK = ".tmp-"
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def paper_boundaries(total_steps: int) -> list[int]:
+    """Step indices (from 0) at which the paper's schedule divides the rate by 10.
+
+    The paper drops after epochs 200, 250 and 300 of 350; a run of ``total_steps`` drops at the
+    same fractions of its length (200/350, 250/350, 300/350), rounded to a step and kept
+    strictly increasing. For 350 epochs of ``s`` steps the drops land on steps 200 s, 250 s and
+    300 s: the first step of epochs 200, 250 and 300 (counted from 0).
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    drops: list[int] = []
+    for epoch in PAPER_DROP_EPOCHS:
+        step = max(1, round(total_steps * epoch / PAPER_EPOCHS))
+        if drops and step <= drops[-1]:
+            step = drops[-1] + 1
+        drops.append(step)
+    return drops
+
+
+def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | None = None,
+                  epochs: int | None = None
+                  ) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The learning-rate schedule ``name`` starting from ``learning_rate``.
+
+    - ``"constant"``: the rate itself (a float).
+    - ``"paper"``: ``PiecewiseConstantDecay``, x0.1 at 200/350, 250/350 and 300/350 of the run
+      (``paper_boundaries``); needs ``steps_per_epoch`` and ``epochs``.
+    - ``"cosine"``: linear warm-up from 0 over the first 5% of the steps, then cosine decay to 0
+      (``CosineDecay`` with ``warmup_target``); needs ``steps_per_epoch`` and ``epochs``.
+    - ``"seed"``: the seed's Keras-2 ``decay=1e-6`` made explicit,
+      ``InverseTimeDecay(lr, decay_steps=1, decay_rate=1e-6)``: lr_k = lr / (1 + 1e-6 k).
+    """
+    schedules = keras.optimizers.schedules
+    if name == "constant":
+        return float(learning_rate)
+    if name == "seed":
+        return schedules.InverseTimeDecay(learning_rate, decay_steps=1, decay_rate=SEED_DECAY)
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if not steps_per_epoch or not epochs:
+        raise ValueError(f"the {name!r} schedule needs steps_per_epoch and epochs")
+    total = int(steps_per_epoch) * int(epochs)
+    if name == "paper":
+        # Keras' boundaries are inclusive on the left value: lr(step) = values[i] for
+        # boundaries[i-1] < step <= boundaries[i]; a drop "at step d" is a boundary at d - 1.
+        boundaries = [d - 1 for d in paper_boundaries(total)]
+        values = [learning_rate * PAPER_DROP_FACTOR**i for i in range(len(boundaries) + 1)]
+        return schedules.PiecewiseConstantDecay(boundaries, values)
+    warmup = round(total * COSINE_WARMUP_FRACTION)
+    if warmup == 0:
+        return schedules.CosineDecay(learning_rate, decay_steps=total)
+    return schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup),
+                                 warmup_target=learning_rate, warmup_steps=warmup)
+
+
+def make_optimizer(name: str, *, learning_rate: float | None = None, rho: float = 0.9,
+                   schedule: str | None = None, steps_per_epoch: int | None = None,
+                   epochs: int | None = None) -> keras.optimizers.Optimizer:
+    """One of the course's optimizers, with its learning-rate schedule.
+
+    - ``"sgd"``: lr 0.01, momentum 0.9, Nesterov (the seed's optimizer; the paper uses plain
+      momentum 0.9 with lr in {0.25, 0.1, 0.05, 0.01}). Its Keras-2 ``decay=1e-6`` is the
+      ``"seed"`` schedule.
+    - ``"rmsprop"``: lr 0.001, ``rho`` 0.9. RMSprop divides the gradient by the root of a moving
+      average of squared gradients, ``v = rho v + (1 - rho) g^2``. With ``rho=0.0`` that average
+      is just the last squared gradient, so the step is ``lr g / |g|``: a sign-like step of size
+      lr for every weight, however small its gradient. It ignores gradient magnitudes and makes
+      training unstable; the seed ran it that way, the course shows why not to.
+    - ``"adam"``: lr 0.001.
+
+    ``schedule`` (``make_schedule``): ``"constant"`` (default), ``"paper"``, ``"cosine"`` or
+    ``"seed"``; ``"paper"`` and ``"cosine"`` need ``steps_per_epoch`` and ``epochs``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else float(learning_rate)
+    rate = make_schedule(schedule or "constant", lr, steps_per_epoch=steps_per_epoch,
+                         epochs=epochs)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=rate, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=rate, rho=float(rho))
+    return keras.optimizers.Adam(learning_rate=rate)
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer, step: int | None = None) -> float:
+    """The learning rate the optimizer uses at ``step`` (default: its next step)."""
+    rate = optimizer._learning_rate  # the schedule itself, not its value at `iterations`
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        if step is None:
+            step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return float(keras.ops.convert_to_numpy(rate(step)))
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def scale_to_unit(images: tf.Tensor) -> tf.Tensor:
+    """uint8 images to float32 in [0, 1] (the default preprocessing)."""
+    return tf.cast(images, tf.float32) / 255.0
+
+
+def _pipeline_options() -> tf.data.Options:
+    options = tf.data.Options()
+    # Autotune's background threads made model.fit/predict block for seconds at the end of a
+    # call on this kind of machine (CPU idle, in TF's pipeline clean-up); fixed parallelism and
+    # a fixed prefetch buffer do not.
+    options.autotune.enabled = False
+    options.deterministic = True
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 128, *,
+                 training: bool = False, augment: bool = False, seed: int = 0,
+                 preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
+                 num_classes: int | None = None, max_shift: float = MAX_SHIFT,
+                 drop_remainder: bool | None = None) -> tf.data.Dataset:
+    """A ``tf.data`` pipeline over uint8 NHWC images (and int labels) for fit/evaluate/predict.
+
+    In order: shuffle (``training``; the whole set, reshuffled every epoch, seeded), batch,
+    uint8 -> float32 with ``preprocess`` (a function of a uint8 batch; default: /255), random
+    shifts of up to ``max_shift`` of the side and horizontal flips (``augment``; seeded,
+    different every epoch), one-hot labels (``num_classes``; for label smoothing), and a
+    prefetch of ``PREFETCH_BATCHES`` batches. Autotune is off and the order deterministic.
+    ``drop_remainder`` defaults to ``training`` (every training batch full: the per-batch log
+    then holds exact per-batch values).
+    """
+    preprocess = preprocess or scale_to_unit
+    n = len(x)
+    if drop_remainder is None:
+        drop_remainder = training and n >= batch_size
+    ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else (x,))
+    if training:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+
+    ds = ds.map(lambda *batch: (preprocess(batch[0]), *batch[1:]))
+    if augment:
+        # Stateless shifts and flips with one seed per batch from Dataset.random(seed): the
+        # same in every run, different in every epoch (allcnn_lib.preprocessing).
+        ds = augment_dataset(ds, max_shift=max_shift, seed=seed)
+    if y is not None and num_classes:
+        ds = ds.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)))
+    if y is None:
+        ds = ds.map(lambda images: images)
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A fresh, unused name beside ``path`` that keeps its ``.weights.h5``/``.keras`` ending."""
+    path = Path(path)
+    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
+    return path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``; once written it is fsynced and moved onto ``path``.
+
+    ``os.replace`` within one folder is atomic: readers see the old file or the new one, never
+    half of one. If the body raises, or writes nothing, ``path`` is left as it was and the
+    temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        if tmp.exists():
+            _fsync(tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files ``atomic_path`` left behind in ``folder`` (after a SIGKILL)."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(f".*{_TMP_MARK}*"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file that does not fit the model it is loaded into (one-line message)."""
+
+
+@dataclass(frozen=True)
+class WeightsSummary:
+    """What a Keras 3 ``.weights.h5`` file holds: the model's name and each layer's shapes."""
+
+    path: Path
+    model_name: str | None
+    layers: dict[str, tuple[tuple[int, ...], ...]]  # layers with weights: name -> shapes
+    layer_names: frozenset[str]  # every layer recorded, weightless ones too
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for shapes in self.layers.values() for s in shapes)
+
+
+def read_weights_summary(path: str | os.PathLike) -> WeightsSummary:
+    """Inspect a ``.weights.h5`` file written by ``model.save_weights`` (h5py; no model)."""
+    import h5py
+
+    path = Path(path)
+    layers: dict[str, tuple[tuple[int, ...], ...]] = {}
+    names: set[str] = set()
+    try:
+        with h5py.File(path, "r") as f:
+            root = f.get("vars")
+            model_name = root.attrs.get("name") if root is not None else None
+            group = f.get("layers")
+            for key in group if group is not None else ():
+                vars_group = group[key].get("vars")
+                if vars_group is None:
+                    continue
+                name = str(vars_group.attrs.get("name", key))
+                names.add(name)
+                shapes = tuple(tuple(vars_group[k].shape)
+                               for k in sorted(vars_group, key=lambda k: int(k)))
+                if shapes:
+                    layers[name] = shapes
+    except (OSError, KeyError, ValueError) as err:
+        raise WeightsMismatchError(f"{path}: not a readable Keras .weights.h5 file "
+                                   f"({type(err).__name__}: {err})") from None
+    if isinstance(model_name, bytes):
+        model_name = model_name.decode()
+    return WeightsSummary(path, model_name and str(model_name), layers, frozenset(names))
+
+
+def model_summary(model: keras.Model) -> WeightsSummary:
+    """The same summary as ``read_weights_summary`` for a built model."""
+    layers = {layer.name: tuple(tuple(int(d) for d in w.shape) for w in layer.weights)
+              for layer in model.layers if layer.weights}
+    names = frozenset(layer.name for layer in model.layers)
+    return WeightsSummary(Path(), model.name, layers, names)
+
+
+def _arch_of(model_name: str | None) -> str | None:
+    return next((k for k, v in MODEL_NAMES.items() if v == model_name), None)
+
+
+def _describe(s: WeightsSummary) -> str:
+    bn = " with batch norm" if any(n.startswith("bn") for n in s.layers) else ""
+    return f"{s.model_name or 'an unnamed model'}{bn} ({s.params:,} params)"
+
+
+def check_weights(model: keras.Model, path: str | os.PathLike) -> WeightsSummary:
+    """Check that ``path`` holds weights for ``model``; else raise ``WeightsMismatchError``.
+
+    The message names both networks and the flag that fixes it, e.g. ``best.weights.h5 holds
+    weights for strided_cnn_c (954,730 params) but the model is all_cnn_c (1,369,738 params);
+    pass --arch strided``. Model-C and Strided-CNN-C have identically shaped weights, so the
+    model name stored in the file is compared too.
+    """
+    path = Path(path)
+    saved = read_weights_summary(path)
+    want = model_summary(model)
+    if saved.layers == want.layers and (saved.model_name in (None, want.model_name)):
+        return saved
+    flags = []
+    arch = _arch_of(saved.model_name)
+    if saved.model_name != want.model_name and arch:
+        flags.append(f"--arch {arch}")
+    saved_bn = any(n.startswith("bn") for n in saved.layers)
+    if saved_bn != any(n.startswith("bn") for n in want.layers):
+        flags.append("--bn 1" if saved_bn else "--bn 0")
+    if flags:
+        fix = f"pass {' '.join(flags)}"
+    else:
+        differ = sorted(set(saved.layers) ^ set(want.layers)) or sorted(
+            n for n in saved.layers if saved.layers[n] != want.layers.get(n))
+        fix = f"the layers {', '.join(differ[:4])} differ"
+    raise WeightsMismatchError(f"{path.name} holds weights for {_describe(saved)} but the model "
+                               f"is {_describe(want)}; {fix}")
+
+
+def load_weights(model: keras.Model, path: str | os.PathLike) -> keras.Model:
+    """``model.load_weights(path)`` after ``check_weights``; a missing file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    check_weights(model, path)
+    model.load_weights(path)
+    return model
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``keras.callbacks.ModelCheckpoint`` whose file appears atomically.
+
+    Keras writes the checkpoint in place, so a crash mid-write leaves a broken file where the
+    last good one was. Here Keras writes to a temporary name beside the target, which then
+    replaces the target with ``os.replace`` (``atomic_path``); when Keras decides not to save
+    (no improvement), nothing changes.
+    """
+
+    _tmp_target: Path | None = None
+
+    def _get_file_path(self, epoch, batch, logs):  # Keras hook: where to write
+        if self._tmp_target is not None:
+            return str(self._tmp_target)
+        return super()._get_file_path(epoch, batch, logs)
+
+    def _save_model(self, epoch, batch, logs):  # Keras hook: decide and write
+        with atomic_path(super()._get_file_path(epoch, batch, logs)) as tmp:
+            self._tmp_target = tmp
+            try:
+                super()._save_model(epoch, batch, logs)
+            finally:
+                self._tmp_target = None
+
+
+_EPOCH_ATTR = "allcnn_completed_epochs"
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``keras.callbacks.BackupAndRestore`` with an atomic, self-describing backup.
+
+    The weights (and optimizer state) go to a temporary file that also records the number of
+    completed epochs as an HDF5 attribute, and only then replace the previous backup; the epoch
+    therefore always matches the weights, even when the process dies between two files.
+    """
+
+    def _save_model(self):  # noqa: D102 (Keras hook)
+        os.makedirs(self.backup_dir, exist_ok=True)
+        import h5py
+
+        with atomic_path(self._weights_path) as tmp:
+            self.model.save_weights(str(tmp), overwrite=True)
+            with h5py.File(tmp, "a") as f:
+                f.attrs[_EPOCH_ATTR] = int(self._current_epoch)
+        atomic_write_text(self._training_metadata_path, json.dumps(
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
+    def _load_model(self):  # noqa: D102 (Keras hook)
+        super()._load_model()
+        epoch = backup_epoch(self.backup_dir)
+        if epoch:
+            self.model._initial_epoch = epoch
+
+
+def backup_epoch(backup_dir: str | os.PathLike) -> int:
+    """Completed epochs recorded in a ``AtomicBackupAndRestore`` backup (0 when none)."""
+    import h5py
+
+    weights = Path(backup_dir) / "latest.weights.h5"
+    if not weights.is_file():
+        return 0
+    try:
+        with h5py.File(weights, "r") as f:
+            if _EPOCH_ATTR in f.attrs:
+                return int(f.attrs[_EPOCH_ATTR])
+    except OSError:
+        return 0
+    meta = Path(backup_dir) / "training_metadata.json"
+    if meta.is_file():
+        return int(json.loads(meta.read_text()).get("epoch", 0))
+    return 0
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class EpochInfo(keras.callbacks.Callback):
+    """Adds ``time`` (seconds) and ``learning_rate`` (of the epoch's last step) to epoch logs.
+
+    Put it before the loggers: callbacks share one logs dict, so they all see both values.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["time"] = round(time.perf_counter() - self._start, 3)
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) - 1
+            logs["learning_rate"] = current_learning_rate(self.model.optimizer, max(step, 0))
+
+
+class BatchCSVLogger(keras.callbacks.Callback):
+    """One CSV row per training batch (``BATCH_COLUMNS``), appended and flushed as it goes.
+
+    Keras reports running means over the epoch; ``loss`` and ``accuracy`` here are the values of
+    the batch alone, recovered from two successive means (exact for equal batch sizes, which
+    ``make_dataset(training=True)`` guarantees). ``step`` counts batches from the run's start.
+    A file that already has rows is appended to (``truncate_csv`` cuts it back on resume).
+    """
+
+    def __init__(self, filename: str | os.PathLike) -> None:
+        super().__init__()
+        self.filename = Path(filename)
+        self._file = None
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        new = not self.filename.is_file() or self.filename.stat().st_size == 0
+        self._file = open(self.filename, "a", newline="")  # closed in on_train_end
+        self._writer = csv.writer(self._file)
+        if new:
+            self._writer.writerow(BATCH_COLUMNS)
+            self._file.flush()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._prev = (0.0, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        steps = self.params.get("steps") or 0
+        loss = float(logs.get("loss", math.nan))
+        acc = float(logs.get("accuracy", math.nan))
+        prev_loss, prev_acc = self._prev
+        batch_loss = (batch + 1) * loss - batch * prev_loss
+        batch_acc = (batch + 1) * acc - batch * prev_acc
+        self._prev = (loss, acc)
+        step = self._epoch * steps + batch
+        lr = current_learning_rate(self.model.optimizer, step)
+        self._writer.writerow([self._epoch, batch, step, f"{batch_loss:.6g}",
+                               f"{min(max(batch_acc, 0.0), 1.0):.6g}", f"{loss:.6g}",
+                               f"{acc:.6g}", f"{lr:.6g}"])
+        self._file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """A quiet one-line-per-epoch log for notebooks and log files, in a fixed format::
+
+        epoch 3/10  loss 1.234  acc 0.456  val_loss 1.300  val_acc 0.420  12.3 s
+    """
+
+    def __init__(self, stream=None) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        print(format_epoch_line(epoch, self.params.get("epochs"), logs or {},
+                                time.perf_counter() - self._start),
+              file=self.stream or sys.stdout, flush=True)
+
+
+def format_epoch_line(epoch: int, epochs: int | None, logs: Mapping[str, float],
+                      seconds: float | None = None) -> str:
+    """``epoch 3/10  loss 1.234  acc 0.456  val_loss 1.300  val_acc 0.420  12.3 s``."""
+    parts = [f"epoch {epoch + 1}/{epochs}" if epochs else f"epoch {epoch + 1}"]
+    for key, label in (("loss", "loss"), ("accuracy", "acc"), ("val_loss", "val_loss"),
+                       ("val_accuracy", "val_acc")):
+        if key in logs:
+            parts.append(f"{label} {float(logs[key]):.3f}")
+    seconds = logs.get("time", seconds)
+    if seconds is not None:
+        parts.append(f"{float(seconds):.1f} s")
+    return "  ".join(parts)
+
+
+# --------------------------------------------------------------------------- CSV files
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts of strings ([] when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def truncate_csv(path: str | os.PathLike, epochs: int) -> int:
+    """Keep only rows with ``epoch < epochs`` (and well-formed); returns the rows kept.
+
+    Called at start-up, before the loggers append: a run resumed at epoch ``epochs`` then
+    writes every later epoch exactly once, and a fresh run (``epochs=0``) starts empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return 0
+    header, body = rows[0], rows[1:]
+    keep = [r for r in body if len(r) == len(header) and r[0].lstrip("-").isdigit()
+            and int(r[0]) < epochs]
+    if epochs == 0:
+        path.unlink()
+        return 0
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(keep)
+    return len(keep)
+
+
+def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
+    """``history.csv`` as columns of floats (``epoch`` included, counted from 0)."""
+    rows = read_csv(path)
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                columns.setdefault(key, []).append(math.nan)
+    return columns
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as the run's ``config.json``.
+
+    ``zca`` applies the paper's preprocessing, global contrast normalization (L2 norm 55)
+    then ZCA whitening with ``zca_epsilon``, fitted on the training split (``fit_zca``).
+    ``init`` is an initializer name (``INITIALIZERS``); ``"lsuv"`` starts from orthogonal
+    weights and applies LSUV (Mishkin & Matas 2015, Algorithm 1) on one training batch.
+    ``learning_rate=None`` takes the optimizer's default (``DEFAULT_LEARNING_RATES``).
+    ``limit`` keeps a class-balanced subset of the training pool (``load_cifar10``).
+    ``backup_dir=None`` means ``~/.cache/allcnn/backup/<run id>``. ``verbose=None`` shows
+    Keras' progress bar when stdout is a terminal and ``EpochLogger`` lines otherwise.
+    ``initial_weights`` starts from a ``.weights.h5`` file (the seed's ``-retrain``).
+    """
+
+    run_id: str | None = None
+    arch: str = "allcnn"
+    variant: str = "paper"
+    batch_norm: bool = False
+    dropout: bool = True
+    init: str = "glorot_uniform"
+    optimizer: str = "sgd"
+    learning_rate: float | None = None
+    rho: float = 0.9
+    schedule: str = "paper"
+    epochs: int = 350
+    batch_size: int = 128
+    augment: bool = True
+    zca: bool = False
+    zca_epsilon: float = PAPER_ZCA_EPSILON
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    limit: int | None = None
+    seed: int = 0
+    mixed_precision: bool = False
+    distribute: str = "none"
+    data_dir: str | None = None
+    runs_dir: str = "runs"
+    backup_dir: str | None = None
+    verbose: bool | None = None
+    initial_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("arch", self.arch, tuple(ARCHITECTURES)),
+                                     ("init", self.init, INITIALIZERS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("schedule", self.schedule, SCHEDULES),
+                                     ("distribute", self.distribute, DISTRIBUTE)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.run_id is None:
+            self.run_id = f"{self.arch}_{self.init}_{self.optimizer}_seed{self.seed}"
+        if not self.run_id or "/" in self.run_id or self.run_id in (".", ".."):
+            raise ValueError(f"run id {self.run_id!r} must be a plain folder name")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / str(self.run_id)
+
+    def resolved_backup_dir(self) -> Path:
+        if self.backup_dir:
+            return Path(self.backup_dir)
+        return Path.home() / ".cache" / "allcnn" / "backup" / str(self.run_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a backup must share with a run to be resumed by it."""
+        d = self.to_dict()
+        for volatile in ("verbose", "backup_dir", "runs_dir", "data_dir", "initial_weights"):
+            d.pop(volatile)
+        d["run_dir"] = str(self.run_dir.resolve())
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the run folder, the model (last epoch's weights) and history."""
+
+    run_dir: Path
+    model: keras.Model
+    history: dict[str, list[float]]
+    best_epoch: int | None  # counted from 0, as in history.csv
+    best_val_accuracy: float | None
+    initial_epoch: int  # > 0 when resumed from a backup
+    epochs_completed: int
+    terminated_on_nan: bool
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        best = (f"best val_accuracy {self.best_val_accuracy:.4f} at epoch {self.best_epoch + 1}"
+                if self.best_epoch is not None else "no validation")
+        return (f"TrainResult({self.run_dir}: {self.epochs_completed} epochs, {best}, "
+                f"{self.seconds:.1f} s)")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """``keras.utils.set_random_seed`` plus TensorFlow's op determinism (CPU: bit-identical).
+
+    Op determinism stays on for the rest of the process (TensorFlow cannot turn it off again)
+    and disables XLA in ``model.fit`` (``jit_compile="auto"``).
+    """
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def fit_zca(x_train: np.ndarray, epsilon: float, scale: float = PAPER_GCN_SCALE
+            ) -> ZCAWhitening:
+    """The paper's whitening fitted on the training images: GCN(``scale``), then ZCA.
+
+    Springenberg et al. (Sec. 3.2) follow Goodfellow et al. (2013): global contrast
+    normalization to an L2 norm of 55 per image, then ZCA with ``epsilon`` (0.1) added to the
+    covariance's eigenvalues (``allcnn_lib.preprocessing``).
+    """
+    return ZCAWhitening(epsilon=epsilon).fit(global_contrast_normalize(x_train, scale))
+
+
+def gcn_zca_preprocess(zca: ZCAWhitening, scale: float = PAPER_GCN_SCALE
+                       ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A pipeline ``preprocess`` doing GCN(``scale``) and a fitted ZCA in TensorFlow.
+
+    Per image: subtract its mean, divide by ``sqrt(sum(c^2)) / scale`` (by 1 when that is
+    below 1e-8, as pylearn2), then ``(v - mean) @ W.T`` with the training mean and whitening
+    matrix; the same numbers as ``zca.transform(global_contrast_normalize(x, scale))``.
+    """
+    mean = tf.constant(np.asarray(zca.mean_, np.float32)[None, :])
+    w_t = tf.constant(np.ascontiguousarray(np.asarray(zca.whitening_matrix_, np.float32).T))
+
+    def preprocess(images: tf.Tensor) -> tf.Tensor:
+        flat = tf.reshape(tf.cast(images, tf.float32), (tf.shape(images)[0], -1))
+        centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+        divisor = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=1, keepdims=True)) / scale
+        divisor = tf.where(divisor < 1e-8, tf.ones_like(divisor), divisor)
+        return tf.reshape(tf.matmul(centred / divisor - mean, w_t), tf.shape(images))
+
+    return preprocess
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """``"mirrored"``: ``MirroredStrategy`` over every GPU, or, with no GPU, over every logical
+    CPU device (``tf.config.set_logical_device_configuration`` splits the CPU; on a plain CPU
+    that is one replica). ``"none"``: TensorFlow's default strategy."""
+    if name == "mirrored":
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=cpus)
+    if name != "none":
+        raise ValueError(f"unknown distribute {name!r}; choose one of {', '.join(DISTRIBUTE)}")
+    return tf.distribute.get_strategy()
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)
+
+
+def _prepare_backup(config: TrainConfig) -> tuple[Path, int]:
+    """The backup folder and the completed epochs to resume from (0: start afresh)."""
+    backup = config.resolved_backup_dir()
+    stamp = backup / "allcnn_run.json"
+    fingerprint = config.fingerprint()
+    if backup.exists():
+        old = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if old != fingerprint:
+            if backup_epoch(backup):
+                _say(f"note: the backup in {backup} belongs to another configuration; "
+                     "starting afresh")
+            shutil.rmtree(backup)
+    backup.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(fingerprint, indent=1))
+    return backup, backup_epoch(backup)
+
+
+def _best_so_far(history_csv: Path) -> tuple[int | None, float | None]:
+    history = read_history(history_csv)
+    acc = history.get("val_accuracy") or []
+    if not acc or all(math.isnan(a) for a in acc):
+        return None, None
+    i = int(np.nanargmax(acc))
+    return int(history["epoch"][i]), float(acc[i])
+
+
+def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
+    """Train ``config.arch`` on CIFAR-10 and write ``runs/<id>/`` (see the module docstring).
+
+    ``data`` is a ``CIFAR10`` (``load_cifar10``); by default it is loaded from
+    ``config.data_dir`` with ``config.limit`` and ``config.seed`` (the shipped sample when
+    ``ALLCNN_QUICK=1``). Model selection uses the validation split; the test split is never used.
+    """
+    start = time.perf_counter()
+    seed_everything(config.seed)
+    if data is None:
+        data = load_cifar10(config.data_dir, limit=config.limit, seed=config.seed)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
+    files = {name: run_dir / fname for name, fname in (
+        ("config", CONFIG_JSON), ("history", HISTORY_CSV), ("batches", BATCHES_CSV),
+        ("best", BEST_WEIGHTS), ("last", LAST_WEIGHTS))}
+
+    backup_dir, initial_epoch = _prepare_backup(config)
+    initial_epoch = min(initial_epoch, config.epochs)
+    for name in ("history", "batches"):
+        truncate_csv(files[name], initial_epoch)
+    if initial_epoch:
+        _say(f"resuming {config.run_id} from epoch {initial_epoch + 1} "
+             f"(backup in {backup_dir})")
+    best_epoch, best_acc = _best_so_far(files["history"])
+
+    # ----- preprocessing (fitted on the training split only)
+    preprocess = scale_to_unit
+    if config.zca:
+        files["zca"] = run_dir / ZCA_FILE
+        if initial_epoch and files["zca"].is_file():  # resuming: the run's own whitening
+            zca = ZCAWhitening.load(files["zca"])
+        else:
+            zca = fit_zca(data.x_train, config.zca_epsilon)
+            zca.save(files["zca"])  # atomic, like every file here
+        preprocess = gcn_zca_preprocess(zca)
+
+    has_val = len(data.y_val) > 0
+    num_classes = len(data.class_names)
+    one_hot = num_classes if config.label_smoothing > 0 else None
+    train_ds = make_dataset(data.x_train, data.y_train, config.batch_size, training=True,
+                            augment=config.augment, seed=config.seed, preprocess=preprocess,
+                            num_classes=one_hot)
+    val_ds = (make_dataset(data.x_val, data.y_val, config.batch_size, preprocess=preprocess,
+                           num_classes=one_hot) if has_val else None)
+    steps_per_epoch = int(train_ds.cardinality().numpy())
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(data.y_train)} training images make no batch of "
+                         f"{config.batch_size}; lower the batch size")
+
+    previous_policy = keras.config.dtype_policy()
+    if config.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        strategy = make_strategy(config.distribute)
+        with strategy.scope():
+            model = build_model(config.arch, variant=config.variant,
+                                batch_norm=config.batch_norm, dropout=config.dropout,
+                                initializer="orthogonal" if config.init == "lsuv" else config.init,
+                                weight_decay=config.weight_decay,
+                                input_shape=data.x_train.shape[1:], num_classes=num_classes)
+            if config.init == "lsuv" and not initial_epoch:
+                from allcnn_lib.initializers import lsuv
+
+                batch = next(iter(make_dataset(data.x_train, None, 256, training=True,
+                                               seed=config.seed, preprocess=preprocess)))
+                lsuv(model, batch[0] if isinstance(batch, tuple) else batch, seed=config.seed)
+            if config.initial_weights:
+                load_weights(model, config.initial_weights)
+            if one_hot:
+                loss = keras.losses.CategoricalCrossentropy(
+                    label_smoothing=config.label_smoothing)
+                metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+            else:
+                loss = keras.losses.SparseCategoricalCrossentropy()
+                metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+            optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate,
+                                       rho=config.rho, schedule=config.schedule,
+                                       steps_per_epoch=steps_per_epoch, epochs=config.epochs)
+            model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+        if not initial_epoch:
+            for name in ("best", "last"):
+                files[name].unlink(missing_ok=True)
+        meta = {**config.to_dict(), "run": {
+            "model": model.name, "params": int(model.count_params()),
+            "data_source": data.source, "is_sample": bool(data.is_sample),
+            "train_images": int(len(data.y_train)), "validation_images": int(len(data.y_val)),
+            "class_names": list(data.class_names), "steps_per_epoch": steps_per_epoch,
+            "resumed_from_epoch": initial_epoch, "status": "running",
+            "keras": keras.__version__, "tensorflow": tf.__version__,
+            "backend": keras.backend.backend(), "replicas": strategy.num_replicas_in_sync}}
+        atomic_write_text(files["config"], json.dumps(meta, indent=2))
+
+        monitor = "val_accuracy" if has_val else "accuracy"
+        verbose = sys.stdout.isatty() if config.verbose is None else bool(config.verbose)
+        callbacks: list[keras.callbacks.Callback] = [
+            EpochInfo(),
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.CSVLogger(str(files["history"]), append=True),
+            BatchCSVLogger(files["batches"]),
+            AtomicModelCheckpoint(str(files["best"]), monitor=monitor, mode="max",
+                                  save_best_only=True, save_weights_only=True,
+                                  initial_value_threshold=best_acc),
+            AtomicModelCheckpoint(str(files["last"]), save_weights_only=True),
+        ]
+        if not verbose:
+            callbacks.append(EpochLogger())
+        # Last, so that an epoch counts as done only once its rows and checkpoints are written.
+        callbacks.append(AtomicBackupAndRestore(str(backup_dir), save_freq="epoch"))
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                  verbose=1 if verbose else 0, callbacks=callbacks, shuffle=False)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    history = read_history(files["history"])
+    best_epoch, best_acc = _best_so_far(files["history"])
+    losses = history.get("loss", [])
+    nan = bool(losses) and not math.isfinite(losses[-1])
+    completed = len(history.get("epoch", []))
+    try:
+        from allcnn_lib.plots import save_run_plots
+
+        files.update(save_run_plots(run_dir))
+    except Exception as err:  # plots are a convenience: never lose a finished run over one
+        _say(f"note: could not draw the training curves ({type(err).__name__}: {err})")
+    seconds = time.perf_counter() - start
+    meta["run"].update(status="terminated_on_nan" if nan else "finished",
+                       epochs_completed=completed, best_epoch=best_epoch,
+                       best_val_accuracy=best_acc, seconds=round(seconds, 1))
+    atomic_write_text(files["config"], json.dumps(meta, indent=2))
+    return TrainResult(run_dir=run_dir, model=model, history=history, best_epoch=best_epoch,
+                       best_val_accuracy=best_acc, initial_epoch=initial_epoch,
+                       epochs_completed=completed, terminated_on_nan=nan, seconds=seconds,
+                       files=files)
+
+
+def load_run_config(run_dir_or_file: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``config.json`` of a run folder, or the one beside a weights file (None if none)."""
+    p = Path(run_dir_or_file)
+    cfg = p / CONFIG_JSON if p.is_dir() else p.parent / CONFIG_JSON
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text())
+
+
+__all__ = [
+    "AtomicBackupAndRestore", "AtomicModelCheckpoint", "BatchCSVLogger", "EpochInfo",
+    "EpochLogger", "TrainConfig", "TrainResult", "WeightsMismatchError", "atomic_path",
+    "atomic_write_text", "backup_epoch", "check_weights", "current_learning_rate", "fit_zca",
+    "format_epoch_line", "gcn_zca_preprocess", "load_run_config", "load_weights",
+    "make_dataset", "make_optimizer", "make_schedule", "make_strategy", "paper_boundaries",
+    "read_history", "read_weights_summary", "scale_to_unit", "seed_everything", "train",
+    "truncate_csv",
+]

@@ -1,0 +1,379 @@
+"""allcnn_lib.training: optimizers, schedules, the input pipeline, atomic checkpoints, CSV logs.
+
+End-to-end training, resume after SIGKILL, determinism and MirroredStrategy run through the CLI
+in ``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from allcnn_lib import training
+from allcnn_lib.training import (
+    AtomicBackupAndRestore,
+    AtomicModelCheckpoint,
+    EpochLogger,
+    TrainConfig,
+    atomic_write_text,
+    backup_epoch,
+    current_learning_rate,
+    format_epoch_line,
+    make_dataset,
+    make_optimizer,
+    make_schedule,
+    paper_boundaries,
+    truncate_csv,
+)
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def test_sgd_is_the_seeds_nesterov_momentum():
+    opt = make_optimizer("sgd")
+    assert isinstance(opt, keras.optimizers.SGD)
+    assert opt.momentum == pytest.approx(0.9)
+    assert opt.nesterov is True
+    assert current_learning_rate(opt, 0) == pytest.approx(0.01)
+
+
+def test_default_learning_rates_and_override():
+    assert current_learning_rate(make_optimizer("adam"), 0) == pytest.approx(0.001)
+    assert isinstance(make_optimizer("adam"), keras.optimizers.Adam)
+    rms = make_optimizer("rmsprop")
+    assert isinstance(rms, keras.optimizers.RMSprop)
+    assert current_learning_rate(rms, 0) == pytest.approx(0.001)
+    assert rms.rho == pytest.approx(0.9)
+    assert current_learning_rate(make_optimizer("sgd", learning_rate=0.05), 0) == \
+        pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("k", [0, 1, 10, 1000, 390 * 350, 10**6])
+def test_seed_schedule_is_keras2_decay(k):
+    """lr_k = 0.01 / (1 + 1e-6 k): what Keras 2's SGD(decay=1e-6) did and Keras 3 dropped."""
+    opt = make_optimizer("sgd", schedule="seed")
+    assert isinstance(opt._learning_rate, keras.optimizers.schedules.InverseTimeDecay)
+    assert current_learning_rate(opt, k) == pytest.approx(0.01 / (1 + 1e-6 * k), rel=1e-6)
+
+
+def test_paper_boundaries_at_350_epochs_are_the_papers_epochs():
+    assert paper_boundaries(350) == [200, 250, 300]
+    assert paper_boundaries(350 * 390) == [200 * 390, 250 * 390, 300 * 390]
+
+
+def test_paper_boundaries_scale_to_the_run_length():
+    assert paper_boundaries(1000) == [571, 714, 857]  # 200/350, 250/350, 300/350 of the run
+    assert paper_boundaries(3) == [2, 3, 4]  # tiny runs: still strictly increasing
+    with pytest.raises(ValueError):
+        paper_boundaries(0)
+
+
+@pytest.mark.parametrize("steps_per_epoch,epochs", [(1, 350), (7, 20), (390, 350)])
+def test_paper_schedule_divides_by_ten_at_each_boundary(steps_per_epoch, epochs):
+    schedule = make_schedule("paper", 0.1, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    drops = paper_boundaries(steps_per_epoch * epochs)
+    assert float(schedule(0)) == pytest.approx(0.1)
+    for i, d in enumerate(drops):
+        assert float(schedule(d - 1)) == pytest.approx(0.1 * 0.1**i), (i, d)
+        assert float(schedule(d)) == pytest.approx(0.1 * 0.1 ** (i + 1)), (i, d)
+
+
+def test_paper_schedule_on_350_epochs_drops_after_epoch_200():
+    spe = 10
+    opt = make_optimizer("sgd", schedule="paper", steps_per_epoch=spe, epochs=350)
+    assert current_learning_rate(opt, 200 * spe - 1) == pytest.approx(0.01)  # last of epoch 200
+    assert current_learning_rate(opt, 200 * spe) == pytest.approx(0.001)  # first of epoch 201
+    assert current_learning_rate(opt, 350 * spe - 1) == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    spe, epochs = 10, 20
+    schedule = make_schedule("cosine", 0.1, steps_per_epoch=spe, epochs=epochs)
+    warmup = round(spe * epochs * training.COSINE_WARMUP_FRACTION)
+    values = np.array([float(schedule(k)) for k in range(spe * epochs + 1)])
+    assert values[0] == pytest.approx(0.0)
+    assert values[warmup] == pytest.approx(0.1)
+    assert np.all(np.diff(values[: warmup + 1]) > 0)
+    assert np.all(np.diff(values[warmup:]) <= 1e-9)
+    assert values[-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_constant_schedule_and_errors():
+    assert make_schedule("constant", 0.3) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make_schedule("paper", 0.1)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("step", 0.1, steps_per_epoch=1, epochs=1)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("adagrad")
+
+
+def _rmsprop_steps(rho: float, gradients: list[float]) -> list[float]:
+    opt = make_optimizer("rmsprop", rho=rho)
+    var = keras.Variable([0.0])
+    steps, before = [], 0.0
+    for g in gradients:
+        opt.apply_gradients([(keras.ops.convert_to_tensor([g]), var)])
+        now = float(var.numpy()[0])
+        steps.append(abs(now - before))
+        before = now
+    return steps
+
+
+def test_rmsprop_rho_zero_takes_sign_like_steps_of_size_lr():
+    """rho=0: the denominator is the last |g| alone, so a tiny gradient after a large one
+    still moves the weight by about lr; with rho=0.9 the memory of the large one keeps the
+    step tiny."""
+    lr = 0.001
+    small_after_large = _rmsprop_steps(0.0, [10.0, 0.01])
+    assert small_after_large[1] == pytest.approx(lr, rel=0.1)
+    assert _rmsprop_steps(0.9, [10.0, 0.01])[1] < 0.01 * lr
+    assert make_optimizer("rmsprop", rho=0.0).rho == 0.0
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def _batches(ds) -> list[tuple[np.ndarray, ...]]:
+    return [tuple(np.asarray(t) for t in batch) for batch in ds]
+
+
+def test_make_dataset_evaluation_keeps_order_and_scales(cifar_sample):
+    x, y = cifar_sample.x_val[:70], cifar_sample.y_val[:70]
+    ds = make_dataset(x, y, 32)
+    options = ds.options()
+    assert options.autotune.enabled is False
+    assert options.deterministic is True
+    batches = _batches(ds)
+    assert [len(b[0]) for b in batches] == [32, 32, 6]  # evaluation keeps the remainder
+    images = np.concatenate([b[0] for b in batches])
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(images, x.astype(np.float32) / 255, atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
+
+
+def test_make_dataset_predict_without_labels(cifar_sample):
+    ds = make_dataset(cifar_sample.x_val[:10], None, 4)
+    shapes = [np.asarray(b).shape for b in ds]
+    assert shapes == [(4, 32, 32, 3), (4, 32, 32, 3), (2, 32, 32, 3)]
+
+
+def test_make_dataset_training_is_seeded_and_reshuffles(cifar_sample):
+    x, y = cifar_sample.x_train[:64], cifar_sample.y_train[:64]
+    a = make_dataset(x, y, 16, training=True, augment=True, seed=3)
+    b = make_dataset(x, y, 16, training=True, augment=True, seed=3)
+    epoch1, epoch2 = _batches(a), _batches(a)
+    assert [len(batch[0]) for batch in epoch1] == [16] * 4
+    for u, v in zip(epoch1, _batches(b), strict=True):  # same seed: the same epoch
+        np.testing.assert_array_equal(u[0], v[0])
+        np.testing.assert_array_equal(u[1], v[1])
+    assert not np.array_equal(epoch1[0][1], epoch2[0][1])  # a new order every epoch
+    other = _batches(make_dataset(x, y, 16, training=True, augment=True, seed=4))
+    assert not np.array_equal(other[0][0], epoch1[0][0])
+
+
+def test_make_dataset_augmentation_shifts_and_flips(cifar_sample):
+    """Every augmented image is its original, maybe flipped, shifted by at most 3 px (10%)."""
+    from allcnn_lib.preprocessing import shift_flip
+
+    x = cifar_sample.x_train[:32]
+    y = np.arange(32)  # labels as indices: find each image's original
+    plain = x.astype(np.float32) / 255
+    images, idx = _batches(make_dataset(x, y, 32, training=True, augment=True, seed=0))[0]
+    moves = [(dy, dx, f) for dy in range(-3, 4) for dx in range(-3, 4) for f in (False, True)]
+    found = []
+    for image, j in zip(images, idx, strict=True):
+        candidates = shift_flip(np.repeat(plain[j][None], len(moves), axis=0),
+                                *map(np.array, zip(*moves, strict=True)))
+        match = [m for m, c in zip(moves, candidates, strict=True) if np.allclose(c, image)]
+        assert match, f"image {j} is no shift/flip of its original"
+        found.append(match[0])
+    assert sum(m != (0, 0, False) for m in found) > len(found) // 2
+    assert any(m[2] for m in found) and any(not m[2] for m in found)
+
+
+def test_make_dataset_drop_remainder_and_one_hot(cifar_sample):
+    x, y = cifar_sample.x_train[:70], cifar_sample.y_train[:70]
+    batches = _batches(make_dataset(x, y, 32, training=True, num_classes=10))
+    assert [len(b[0]) for b in batches] == [32, 32]  # training batches are all full
+    labels = batches[0][1]
+    assert labels.shape == (32, 10)
+    np.testing.assert_array_equal(labels.sum(axis=1), 1)
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _tiny_model() -> keras.Model:
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs), name="tiny")
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if training._TMP_MARK in p.name)
+
+
+def test_atomic_checkpoint_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    model = _tiny_model()
+    target = tmp_path / "best.weights.h5"
+    cb = AtomicModelCheckpoint(str(target), monitor="val_accuracy", mode="max",
+                               save_best_only=True, save_weights_only=True)
+    cb.set_model(model)
+    cb.on_epoch_end(0, {"val_accuracy": 0.5})
+    assert target.is_file()
+    first = target.stat().st_ino
+    cb.on_epoch_end(1, {"val_accuracy": 0.4})  # no improvement: untouched
+    assert target.stat().st_ino == first
+    model.get_layer("dense").kernel.assign(np.ones((4, 2)))
+    cb.on_epoch_end(2, {"val_accuracy": 0.6})
+    assert target.stat().st_ino != first  # a new file moved into place, not rewritten
+    assert _leftovers(tmp_path) == []
+    fresh = _tiny_model()
+    fresh.load_weights(target)
+    np.testing.assert_array_equal(fresh.get_layer("dense").kernel.numpy(), np.ones((4, 2)))
+
+
+def test_atomic_checkpoint_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    model = _tiny_model()
+    target = tmp_path / "last.weights.h5"
+    cb = AtomicModelCheckpoint(str(target), save_weights_only=True)
+    cb.set_model(model)
+    cb.on_epoch_end(0, {})
+    good = target.read_bytes()
+
+    def crash(filepath, overwrite=True, **kwargs):
+        Path(filepath).write_bytes(b"half a checkpoint")  # the write starts ...
+        raise OSError("disk full")  # ... and dies
+
+    monkeypatch.setattr(model, "save_weights", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cb.on_epoch_end(1, {})
+    assert target.read_bytes() == good
+    assert _leftovers(tmp_path) == []
+    _tiny_model().load_weights(target)  # still a valid checkpoint
+
+
+def test_plain_keras_checkpoint_would_have_broken_the_file(tmp_path, monkeypatch):
+    """The failure the atomic subclass prevents: Keras writes in place."""
+    model = _tiny_model()
+    target = tmp_path / "last.weights.h5"
+    cb = keras.callbacks.ModelCheckpoint(str(target), save_weights_only=True)
+    cb.set_model(model)
+    cb.on_epoch_end(0, {})
+
+    def crash(filepath, overwrite=True, **kwargs):
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_weights", crash)
+    with pytest.raises(OSError):
+        cb.on_epoch_end(1, {})
+    assert target.read_bytes() == b"half a checkpoint"
+
+
+def test_atomic_write_text_and_stale_temporaries(tmp_path):
+    target = tmp_path / "config.json"
+    atomic_write_text(target, "{}")
+    assert target.read_text() == "{}"
+    (tmp_path / f".config.json{training._TMP_MARK}abc.json").write_text("junk")
+    assert len(training.remove_stale_temporaries(tmp_path)) == 1
+    assert _leftovers(tmp_path) == []
+
+
+def test_backup_records_the_completed_epochs_in_the_weights_file(tmp_path):
+    model = _tiny_model()
+    model.compile(optimizer="sgd", loss="mse")
+    cb = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    cb.set_model(model)
+    assert backup_epoch(tmp_path / "backup") == 0
+    cb.on_epoch_end(2, {})
+    assert backup_epoch(tmp_path / "backup") == 3
+    assert _leftovers(tmp_path / "backup") == []
+    restored = _tiny_model()
+    restored.compile(optimizer="sgd", loss="mse")
+    cb2 = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    cb2.set_model(restored)
+    cb2.on_train_begin()
+    assert restored._initial_epoch == 3
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_truncate_csv_keeps_only_completed_epochs(tmp_path):
+    path = tmp_path / "batches.csv"
+    path.write_text("epoch,batch,loss\n0,0,1.0\n0,1,0.9\n1,0,0.8\n1,1,0.7\n2,0,0.6\n2,1")
+    assert truncate_csv(path, 2) == 4
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    assert rows[0] == ["epoch", "batch", "loss"]
+    assert [r[:2] for r in rows[1:]] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
+    assert truncate_csv(path, 0) == 0
+    assert not path.exists()  # a fresh run starts with no rows
+    assert truncate_csv(tmp_path / "absent.csv", 3) == 0
+
+
+def test_epoch_line_format():
+    logs = {"loss": 1.2341, "accuracy": 0.4561, "val_loss": 1.3, "val_accuracy": 0.42,
+            "time": 12.34}
+    assert format_epoch_line(2, 10, logs) == (
+        "epoch 3/10  loss 1.234  acc 0.456  val_loss 1.300  val_acc 0.420  12.3 s")
+    out = io.StringIO()
+    logger = EpochLogger(stream=out)
+    logger.set_params({"epochs": 4})
+    logger.on_epoch_begin(0)
+    logger.on_epoch_end(0, {"loss": 2.0, "accuracy": 0.1})
+    assert out.getvalue().startswith("epoch 1/4  loss 2.000  acc 0.100  ")
+    assert out.getvalue().rstrip().endswith(" s")
+
+
+def test_train_config_validates_and_names_runs(tmp_path):
+    cfg = TrainConfig(arch="strided", init="he_normal", optimizer="adam", seed=3,
+                      runs_dir=str(tmp_path))
+    assert cfg.run_id == "strided_he_normal_adam_seed3"
+    assert cfg.run_dir == tmp_path / cfg.run_id
+    assert cfg.resolved_backup_dir() == Path.home() / ".cache/allcnn/backup" / cfg.run_id
+    for bad in ({"arch": "resnet"}, {"schedule": "step"}, {"init": "zeros"},
+                {"distribute": "tpu"}, {"epochs": 0}, {"label_smoothing": 1.0},
+                {"run_id": "../x"}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def test_training_curves_figure(tmp_path):
+    from allcnn_lib.plots import save_figure, training_curves
+
+    history = {"epoch": [0, 1, 2], "accuracy": [0.2, 0.3, 0.4], "val_accuracy": [0.25, 0.3, 0.35],
+               "loss": [2.0, 1.8, 1.6], "val_loss": [1.9, 1.8, 1.7]}
+    batches = {"epoch": [0, 0, 1, 1, 2, 2], "batch": [0, 1, 0, 1, 0, 1],
+               "step": [0, 1, 2, 3, 4, 5], "accuracy": [0.1, 0.3, 0.2, 0.4, 0.3, 0.5]}
+    fig = training_curves(history, "accuracy", batches=batches)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "accuracy"
+    assert "accuracy" in ax.get_title()
+    assert len(ax.lines) == 4  # per batch, smoothed, training, validation
+    path = save_figure(fig, tmp_path / "acc.png", close=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["acc.png"]
+
+
+def test_gcn_zca_in_the_pipeline_matches_the_numpy_reference(cifar_sample):
+    from allcnn_lib.preprocessing import ZCAWhitening, global_contrast_normalize
+    from allcnn_lib.training import gcn_zca_preprocess
+
+    rng = np.random.default_rng(0)
+    zca = ZCAWhitening(epsilon=0.1)  # a stand-in "fit": any mean and symmetric matrix will do
+    zca.mean_ = rng.normal(0, 0.1, 3072)
+    w = rng.normal(0, 0.02, (3072, 3072)).astype(np.float32)
+    zca.whitening_matrix_ = (w + w.T) / 2 + np.eye(3072, dtype=np.float32)
+    zca.feature_shape_ = (32, 32, 3)
+    x = cifar_sample.x_val[:20]
+    expected = zca.transform(global_contrast_normalize(x))
+    got = np.concatenate([np.asarray(b) for b in make_dataset(
+        x, None, 8, preprocess=gcn_zca_preprocess(zca))])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
