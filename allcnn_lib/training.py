@@ -625,9 +625,15 @@ def truncate_csv(path: str | os.PathLike, epochs: int) -> int:
 
 def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
     """``history.csv`` as columns of floats (``epoch`` included, counted from 0)."""
-    from allcnn_lib.plots import read_columns  # one CSV reader for runs; plots is downstream
-
-    return {key: column.tolist() for key, column in read_columns(path).items()}
+    rows = read_csv(path)
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                columns.setdefault(key, []).append(math.nan)
+    return columns
 
 
 # --------------------------------------------------------------------------- configuration
