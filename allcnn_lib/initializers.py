@@ -401,6 +401,49 @@ def _build_probes(model: keras.Model, layers: list[keras.layers.Layer]) -> list:
     return probes
 
 
+#: Layers that commute with multiplying their input by a constant c > 0 at inference:
+#: f(c * x) = c * f(x). Between two LSUV layers these let a pending scale travel unapplied.
+_SCALE_COMMUTING_LAYERS = tuple(getattr(keras.layers, name) for name in (
+    "InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "GaussianDropout", "AlphaDropout", "GaussianNoise", "Flatten", "Reshape", "Permute",
+    "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D",
+    "Cropping3D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
+    "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D", "GlobalMaxPooling3D") if hasattr(keras.layers, name))
+
+
+def _homogeneous_activation(activation) -> bool:
+    """ReLU and the identity: act(c * z) = c * act(z) for c > 0."""
+    return activation in (None, keras.activations.linear, keras.activations.relu)
+
+
+def _commutes_with_scale(layer: keras.layers.Layer) -> bool:
+    if isinstance(layer, _SCALE_COMMUTING_LAYERS):
+        return True
+    if isinstance(layer, keras.layers.ReLU):
+        return (layer.max_value is None and float(layer.threshold) == 0.0)
+    if isinstance(layer, keras.layers.Activation):
+        return _homogeneous_activation(layer.activation)
+    return False
+
+
+def _probe_commutes_with_scale(probe: keras.Model) -> bool:
+    """Every layer on the probe's path passes a positive input scale through unchanged."""
+    return all(_commutes_with_scale(layer) for layer in probe.layers)
+
+
+def _linear_part(layer: keras.layers.Layer, x):
+    """The layer's output without its (zero) bias: the conv or matmul, then its activation.
+    Saves a full pass over the output (the bias add) on every measurement."""
+    if isinstance(layer, keras.layers.Dense):
+        y = keras.ops.matmul(x, layer.kernel)
+    else:
+        y = layer.convolution_op(x, layer.kernel)
+    act = getattr(layer, "activation", None)
+    return y if act in (None, keras.activations.linear) else act(y)
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
@@ -423,11 +466,12 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
     for several inputs. Paper defaults: ``Tol_var = 0.1``, ``T_max = 10``.
 
     Speed: each layer's probe (from the previous layer's output to this layer's input) is built
-    once, so the batch goes through the network once. For a linear layer (no activation) with a
-    zero bias, dividing the kernel by ``s`` divides the output by ``s`` and its variance by
-    ``s**2`` exactly; that identity replaces re-running the layer and re-measuring unless
-    ``recompute=True`` or the layer has a nonzero bias or an activation of its own. (Either way
-    one division suffices for such a layer: ``T_max`` matters for the others.)
+    once, so the batch goes through the network once. For a layer with a zero bias and ReLU or
+    no activation, dividing the kernel by ``s`` divides the output by ``s`` and its variance by
+    ``s**2`` exactly; that identity replaces re-running the layer and re-measuring (one division
+    suffices; ``T_max`` matters for the others), the bias add is skipped, and the scale is
+    carried through the layers in between when they commute with it (ReLU, dropout, pooling)
+    instead of being multiplied into the activations. ``recompute=True`` turns all of this off.
 
     Layers left as they are (original kernel, no pre-init): those with fewer than
     ``skip_smaller_than`` output values per example (LSUV-keras used 32; the default 0 skips
@@ -466,7 +510,13 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
     for k, (sources, _) in enumerate(probes):
         for s in sources:
             last_use[s] = k
-    outputs: dict[int, Any] = {}
+    outputs: dict[int, tuple[Any, float]] = {}
+
+    # A stored output is a pair (tensor, c): the layer's true output is c * tensor. While the
+    # path to the next layer commutes with a positive scale (ReLU, dropout, pooling) and the
+    # next layer is homogeneous (zero bias, ReLU or no activation), c travels unapplied and the
+    # variance is corrected by c**2: exact, and it saves a pass over every activation map.
+    scale_free = [_probe_commutes_with_scale(p) and len(src) == 1 for src, p in probes]
 
     with _NoGrad():
         for layer in layers:
@@ -481,18 +531,30 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
                 continue
             index = to_fit.index(layer)
             sources, probe = probes[index]
+            kernel, bias = _variable(layer, "kernel"), _variable(layer, "bias")
+            exact = (not recompute and (bias is None or not np.any(_np(bias)))
+                     and _homogeneous_activation(getattr(layer, "activation", None))
+                     and type(layer) in LSUV_LAYER_TYPES
+                     and not getattr(layer, "lora_enabled", False)
+                     and layer.compute_dtype == kernel.dtype)
+            carry = 1.0  # the true input of this layer is carry * (what the probe gives)
             feed = []
             for s in sources:
-                feed.extend(inputs if s < 0 else [outputs[s]])
+                if s < 0:
+                    feed.extend(inputs)
+                    continue
+                tensor, c = outputs[s]
+                if c != 1.0 and not (exact and scale_free[index]):
+                    tensor, c = keras.ops.multiply(tensor, c), 1.0
+                feed.append(tensor)
+                carry = c
             x = probe(feed, training=False)
             for s in [s for s in outputs if last_use[s] <= index]:
                 del outputs[s]
 
-            kernel, bias = _variable(layer, "kernel"), _variable(layer, "bias")
-            linear = getattr(layer, "activation", None) in (None, keras.activations.linear)
-            exact = linear and not recompute and (bias is None or not np.any(_np(bias)))
-            y = layer(x)
-            var = var_before = _variance(y)
+            # exact: layer(carry * x) = carry * layer_without_bias(x), so Var = carry**2 * Var(y)
+            y = _linear_part(layer, x) if exact else layer(x)
+            var = var_before = _variance(y) * carry * carry
             iterations, scale, status = 0, 1.0, OK
             while True:
                 if not math.isfinite(var) or var < MIN_VARIANCE:
@@ -517,8 +579,8 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
                 else:
                     y = layer(x)
                     var = _variance(y)
-            if index in last_use:  # the next probe reads this output: bring it up to date
-                outputs[index] = keras.ops.multiply(y, scale) if exact and iterations else y
+            if index in last_use:  # the next probe reads this output (true = c * y)
+                outputs[index] = (y, carry * scale if exact else 1.0)
             report.records.append(LSUVRecord(layer.name, kind, shape, var_before, var,
                                              iterations, scale, status))
             if verbose:

@@ -354,6 +354,24 @@ def test_recompute_matches_linear_shortcut_and_relu_inside(batches):
     assert all(abs(v - 1) < TOL_VAR for v in variances.values()), (variances, str(report))
 
 
+def test_carried_scale_matches_recompute_on_allcnn(batches):
+    """All-CNN-C: the scale carried unapplied through ReLU and dropout (and the skipped bias
+    add) gives the kernels and variances that re-running every layer gives."""
+    x = batches[0][:32]
+    models = []
+    for recompute in (False, True):
+        keras.utils.set_random_seed(11)
+        model = all_cnn_c(variant="paper")
+        models.append((model, lsuv(model, x, seed=2, recompute=recompute)))
+    (a, ra), (b, rb) = models
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-6)
+    assert [r.var_before for r in ra] == pytest.approx([r.var_before for r in rb], rel=1e-4)
+    assert [r.var_after for r in ra] == pytest.approx([r.var_after for r in rb], rel=1e-4)
+    variances = output_variances(a, conv_layers(a), x)
+    assert all(abs(v - 1) < 1e-3 for v in variances.values()), variances
+
+
 def test_skip_connections_and_small_layers(batches):
     x = batches[0][:16]
     model = residual_cnn()
