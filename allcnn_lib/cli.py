@@ -138,10 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "decay=1e-6) (default: paper)")
     t.add_argument("-epochs", "--epochs", type=_positive_int, default=350,
                    help="epochs (default: 350, the paper's)")
+    t.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
+                   help="an epoch is N batches of an endless reshuffled stream, validated "
+                        "after each (e.g. --epochs 10 --steps-per-epoch 300 = 3,000 batches); "
+                        "default: one pass over the training split")
     t.add_argument("-batchsize", "--batch-size", dest="batch_size", type=_positive_int,
                    default=128, help="batch size (default: 128)")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random shifts of up to 10%% and horizontal flips (default: on)")
+    t.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
+                   help="standardize each channel with the training split's mean and std "
+                        "(default: off; not with --zca)")
     t.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
                    help="the paper's preprocessing: global contrast normalization (norm 55) "
                         "and ZCA whitening fitted on the training split (default: off)")
@@ -294,6 +301,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         initial = _require_file(initial)
         _check_arch_early(initial, _network(args)["arch"])
         initial = str(initial)
+    if args.normalize and args.zca:
+        raise CLIError("--normalize and --zca are two preprocessings: choose one")
     data = load_cifar10(args.data_dir, limit=args.limit, seed=args.seed)
 
     _import_tensorflow_quietly()
@@ -302,7 +311,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         run_id=args.run_id, **_network(args), init=args.init, optimizer=args.optimizer,
         learning_rate=args.learning_rate, rho=args.rho, schedule=args.schedule,
-        epochs=args.epochs, batch_size=args.batch_size, augment=args.augment, zca=args.zca,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        augment=args.augment, normalize=args.normalize, zca=args.zca,
         zca_epsilon=args.zca_epsilon, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, limit=args.limit, seed=args.seed,
         mixed_precision=args.mixed_precision, distribute=args.distribute,

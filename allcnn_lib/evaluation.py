@@ -24,6 +24,7 @@ from allcnn_lib.data import CLASS_NAMES
 from allcnn_lib.models import VARIANTS, build_model
 from allcnn_lib.training import (
     MODEL_NAMES,
+    STANDARDIZER_FILE,
     ZCA_FILE,
     WeightsMismatchError,
     gcn_zca_preprocess,
@@ -33,6 +34,7 @@ from allcnn_lib.training import (
     model_summary,
     read_weights_summary,
     scale_to_unit,
+    standardize_preprocess,
 )
 
 __all__ = ["EvaluationResult", "WeightsMismatchError", "confusion_matrix", "evaluate",
@@ -194,18 +196,22 @@ def load_trained_model(weights_path: str | os.PathLike, arch: str | None = None,
 
 
 def run_preprocess(weights_path: str | os.PathLike) -> Callable[[tf.Tensor], tf.Tensor]:
-    """The input preprocessing of the run that wrote ``weights_path`` (its ZCA, if it had one).
+    """The input preprocessing of the run that wrote ``weights_path`` (its ZCA or per-channel
+    standardization, if it had one).
 
     Without a ``config.json`` beside the weights, the default /255 scaling.
     """
     path = Path(weights_path)
     config = load_run_config(path)
-    if not config or not config.get("zca"):
+    if not config or not (config.get("zca") or config.get("normalize")):
         return scale_to_unit
-    zca_file = path.parent / ZCA_FILE
-    if not zca_file.is_file():
-        raise FileNotFoundError(f"{zca_file}: the run used ZCA whitening but its {ZCA_FILE} "
-                                "is missing")
-    from allcnn_lib.preprocessing import ZCAWhitening
+    name = ZCA_FILE if config.get("zca") else STANDARDIZER_FILE
+    state_file = path.parent / name
+    if not state_file.is_file():
+        what = "ZCA whitening" if config.get("zca") else "per-channel standardization"
+        raise FileNotFoundError(f"{state_file}: the run used {what} but its {name} is missing")
+    from allcnn_lib.preprocessing import Standardizer, ZCAWhitening
 
-    return gcn_zca_preprocess(ZCAWhitening.load(zca_file))
+    if config.get("zca"):
+        return gcn_zca_preprocess(ZCAWhitening.load(state_file))
+    return standardize_preprocess(Standardizer.load(state_file))

@@ -50,6 +50,7 @@ from allcnn_lib.models import ARCHITECTURES, build_model
 from allcnn_lib.preprocessing import (
     PAPER_GCN_SCALE,
     PAPER_ZCA_EPSILON,
+    Standardizer,
     ZCAWhitening,
     augment_dataset,
     global_contrast_normalize,
@@ -89,6 +90,7 @@ CONFIG_JSON = "config.json"
 BEST_WEIGHTS = "best.weights.h5"
 LAST_WEIGHTS = "last.weights.h5"
 ZCA_FILE = "zca.npz"
+STANDARDIZER_FILE = "standardizer.npz"
 BATCH_COLUMNS = ("epoch", "batch", "step", "loss", "accuracy", "epoch_loss", "epoch_accuracy",
                  "learning_rate")
 
@@ -219,7 +221,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
                  training: bool = False, augment: bool = False, seed: int = 0,
                  preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
                  num_classes: int | None = None, max_shift: float = MAX_SHIFT,
-                 drop_remainder: bool | None = None) -> tf.data.Dataset:
+                 drop_remainder: bool | None = None, repeat: bool = False) -> tf.data.Dataset:
     """A ``tf.data`` pipeline over uint8 NHWC images (and int labels) for fit/evaluate/predict.
 
     In order: shuffle (``training``; the whole set, reshuffled every epoch, seeded), batch,
@@ -228,7 +230,8 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
     different every epoch), one-hot labels (``num_classes``; for label smoothing), and a
     prefetch of ``PREFETCH_BATCHES`` batches. Autotune is off and the order deterministic.
     ``drop_remainder`` defaults to ``training`` (every training batch full: the per-batch log
-    then holds exact per-batch values).
+    then holds exact per-batch values). ``repeat``: an endless stream (reshuffled on every
+    pass, batches crossing the passes) for ``fit(steps_per_epoch=...)``.
     """
     preprocess = preprocess or scale_to_unit
     n = len(x)
@@ -237,6 +240,8 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
     ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else (x,))
     if training:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
     ds = ds.map(lambda *batch: (preprocess(batch[0]), *batch[1:]))
@@ -648,6 +653,10 @@ class TrainConfig:
     ``init`` is an initializer name (``INITIALIZERS``); ``"lsuv"`` starts from orthogonal
     weights and applies LSUV (Mishkin & Matas 2015, Algorithm 1) on one training batch.
     ``learning_rate=None`` takes the optimizer's default (``DEFAULT_LEARNING_RATES``).
+    ``normalize`` standardizes each channel with the training split's mean and std (the simpler
+    alternative to ``zca``; not both). ``steps_per_epoch`` makes an "epoch" that many batches of
+    an endless reshuffled stream (validation after each), e.g. 10 x 300 batches for a budget of
+    3,000; ``None``: one pass over the training split.
     ``limit`` keeps a class-balanced subset of the training pool (``load_cifar10``).
     ``backup_dir=None`` means ``~/.cache/allcnn/backup/<run id>``. ``verbose=None`` shows
     Keras' progress bar when stdout is a terminal and ``EpochLogger`` lines otherwise.
@@ -665,8 +674,10 @@ class TrainConfig:
     rho: float = 0.9
     schedule: str = "paper"
     epochs: int = 350
+    steps_per_epoch: int | None = None
     batch_size: int = 128
     augment: bool = True
+    normalize: bool = False
     zca: bool = False
     zca_epsilon: float = PAPER_ZCA_EPSILON
     weight_decay: float = 5e-4
@@ -691,6 +702,10 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.normalize and self.zca:
+            raise ValueError("choose one preprocessing: normalize (per-channel) or zca, not both")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.run_id is None:
@@ -787,6 +802,18 @@ def gcn_zca_preprocess(zca: ZCAWhitening, scale: float = PAPER_GCN_SCALE
     return preprocess
 
 
+def standardize_preprocess(standardizer: Standardizer) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A pipeline ``preprocess``: uint8 images to ``(x - mean) / std`` per channel, with the
+    statistics a ``Standardizer`` fitted on the (uint8) training images."""
+    mean = tf.constant(np.asarray(standardizer.mean_, np.float32))
+    std = tf.constant(np.asarray(standardizer.std_, np.float32))
+
+    def preprocess(images: tf.Tensor) -> tf.Tensor:
+        return (tf.cast(images, tf.float32) - mean) / std
+
+    return preprocess
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """``"mirrored"``: ``MirroredStrategy`` over every GPU, or, with no GPU, over every logical
     CPU device (``tf.config.set_logical_device_configuration`` splits the CPU; on a plain CPU
@@ -868,17 +895,25 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
             zca = fit_zca(data.x_train, config.zca_epsilon)
             zca.save(files["zca"])  # atomic, like every file here
         preprocess = gcn_zca_preprocess(zca)
+    elif config.normalize:
+        files["standardizer"] = run_dir / STANDARDIZER_FILE
+        if initial_epoch and files["standardizer"].is_file():
+            standardizer = Standardizer.load(files["standardizer"])
+        else:
+            standardizer = Standardizer().fit(data.x_train)
+            standardizer.save(files["standardizer"])
+        preprocess = standardize_preprocess(standardizer)
 
     has_val = len(data.y_val) > 0
     num_classes = len(data.class_names)
     one_hot = num_classes if config.label_smoothing > 0 else None
     train_ds = make_dataset(data.x_train, data.y_train, config.batch_size, training=True,
                             augment=config.augment, seed=config.seed, preprocess=preprocess,
-                            num_classes=one_hot)
+                            num_classes=one_hot, repeat=config.steps_per_epoch is not None)
     val_ds = (make_dataset(data.x_val, data.y_val, config.batch_size, preprocess=preprocess,
                            num_classes=one_hot) if has_val else None)
-    steps_per_epoch = int(train_ds.cardinality().numpy())
-    if steps_per_epoch < 1:
+    steps_per_epoch = config.steps_per_epoch or int(train_ds.cardinality().numpy())
+    if len(data.y_train) < config.batch_size or steps_per_epoch < 1:
         raise ValueError(f"{len(data.y_train)} training images make no batch of "
                          f"{config.batch_size}; lower the batch size")
 
@@ -943,7 +978,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
         # Last, so that an epoch counts as done only once its rows and checkpoints are written.
         callbacks.append(AtomicBackupAndRestore(str(backup_dir), save_freq="epoch"))
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                  verbose=1 if verbose else 0, callbacks=callbacks, shuffle=False)
+                  steps_per_epoch=config.steps_per_epoch, verbose=1 if verbose else 0,
+                  callbacks=callbacks, shuffle=False)
     finally:
         keras.config.set_dtype_policy(previous_policy)
 

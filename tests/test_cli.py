@@ -121,6 +121,34 @@ def test_train_writes_every_output(trained_run):
     assert not (root / "backup" / "e2e").exists()  # a finished run drops its backup
 
 
+def test_steps_per_epoch_and_normalize(tmp_path):
+    """``--steps-per-epoch``: epochs of N batches from an endless stream (a batch budget);
+    ``--normalize``: per-channel standardization, saved beside the weights and reused by
+    ``evaluate``."""
+    proc = run_cli(*train_args("budget", tmp_path, "--steps-per-epoch", "3", "--normalize",
+                                epochs=2), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "runs" / "budget"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["steps_per_epoch"] == 3 and config["normalize"] is True
+    assert config["run"]["steps_per_epoch"] == 3
+    assert [int(r["step"]) for r in read_rows(run_dir / "batches.csv")] == list(range(6))
+    assert len(read_rows(run_dir / "history.csv")) == 2
+    assert (run_dir / "standardizer.npz").is_file()
+    proc = run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit", "100",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir / "standardizer.npz").unlink()
+    proc = run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit", "100",
+                   cwd=tmp_path)
+    assert proc.returncode == 1 and "standardizer.npz" in proc.stderr, proc.stderr
+
+
+def test_normalize_and_zca_together_is_one_clear_line(tmp_path):
+    proc = run_cli(*train_args("both", tmp_path, "--normalize", "--zca"), cwd=tmp_path)
+    assert_one_line_error(proc, "--normalize", "--zca")
+
+
 @pytest.fixture(scope="module")
 def evaluated_run(trained_run):
     """``allcnn evaluate`` on the trained run's best weights, started in the background."""

@@ -178,6 +178,33 @@ def test_make_dataset_training_is_seeded_and_reshuffles(cifar_sample):
     assert not np.array_equal(other[0][0], epoch1[0][0])
 
 
+def test_make_dataset_repeat_streams_every_image_once_per_pass(cifar_sample):
+    import tensorflow as tf
+
+    x, y = cifar_sample.x_train[:40], cifar_sample.y_train[:40]
+    ds = make_dataset(x, y, 16, training=True, augment=False, seed=1, repeat=True)
+    assert int(ds.cardinality().numpy()) == int(tf.data.INFINITE_CARDINALITY)
+    images = np.concatenate([np.asarray(b[0]) for b in ds.take(5)])  # 80 images: two passes
+    key = lambda a: sorted(map(bytes, (np.round(a * 255).astype(np.uint8))))  # noqa: E731
+    assert key(images[:40]) == key(x.astype(np.float32) / 255)
+    assert key(images[40:]) == key(x.astype(np.float32) / 255)
+    assert not np.array_equal(images[:40], images[40:])  # reshuffled on the second pass
+
+
+def test_standardize_preprocess_matches_the_standardizer(cifar_sample):
+    from allcnn_lib.preprocessing import Standardizer
+    from allcnn_lib.training import standardize_preprocess
+
+    x = cifar_sample.x_train[:50]
+    std = Standardizer().fit(cifar_sample.x_train[:500])
+    got = np.concatenate([np.asarray(b) for b in make_dataset(
+        x, None, 16, preprocess=standardize_preprocess(std))])
+    np.testing.assert_allclose(got, std.transform(x), rtol=1e-5, atol=1e-5)
+    whole = std.transform(cifar_sample.x_train[:500])
+    np.testing.assert_allclose(whole.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(whole.std(axis=(0, 1, 2)), 1, atol=1e-4)
+
+
 def test_make_dataset_augmentation_shifts_and_flips(cifar_sample):
     """Every augmented image is its original, maybe flipped, shifted by at most 3 px (10%)."""
     from allcnn_lib.preprocessing import shift_flip
@@ -340,7 +367,8 @@ def test_train_config_validates_and_names_runs(tmp_path):
     assert cfg.resolved_backup_dir() == Path.home() / ".cache/allcnn/backup" / cfg.run_id
     for bad in ({"arch": "resnet"}, {"schedule": "step"}, {"init": "zeros"},
                 {"distribute": "tpu"}, {"epochs": 0}, {"label_smoothing": 1.0},
-                {"run_id": "../x"}):
+                {"run_id": "../x"}, {"steps_per_epoch": 0},
+                {"normalize": True, "zca": True}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
