@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
                --nbval-cell-timeout=600
 
-.PHONY: help setup test lint unit nbtest run notebooks lab data sample clean
+.PHONY: help setup test lint unit nbtest run notebooks lab data sample bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ data:  ## unpack the full CIFAR-10 (JPEG copy) from ../shared/ into data/ (proje
 
 sample: $(SETUP_STAMP)  ## rebuild the shipped sample data/cifar10_sample.npz from ../shared/cifar10
 	$(BIN)/python scripts/make_sample.py
+
+bench: $(BACKENDS_STAMP)  ## speed table -> docs/performance.md (~15 min; NOTEBOOKS=1 ACCURACY=1 add more)
+	$(BIN)/python benchmarks/run_all.py $(if $(NOTEBOOKS),--notebooks) $(if $(ACCURACY),--accuracy)
 
 clean:  ## remove build outputs (keeps .venv and data)
 	rm -rf build .pytest_cache

@@ -32,26 +32,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from common import step_times, tiled
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
 
 
 def median_time(step: Callable[[], object], steps: int, warmup: int) -> float:
     """Median seconds of ``step()`` over ``steps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """At least ``n`` images, repeating the set when it is smaller."""
-    reps = -(-n // len(x))
-    return np.concatenate([x] * reps)[:max(n, len(x))], np.concatenate([y] * reps)[:max(n, len(x))]
+    return statistics.median(step_times(step, steps, warmup))
 
 
 def batch_timer():

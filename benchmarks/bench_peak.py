@@ -1,0 +1,175 @@
+"""The machine's measured float32 peak: a hand-written FMA loop, and 4096x4096 matmuls.
+
+- ``fma loop``: a small C program (``gcc -O3 -mavx2 -mfma -fopenmp``, written and compiled at
+  bench time) runs 12 independent 8-wide float32 FMA chains per thread on ``--threads``
+  threads: the multiply-add ceiling of the cores (AVX2+FMA: 2 FMA units x 8 lanes x 2 FLOP =
+  32 FLOP/cycle/core). Besides wall-clock GFLOP/s it reports FLOP per second of each thread's
+  own CPU time, summed over the threads (``cpu_time_gflops``): what the cores deliver while
+  they run the loop, which other jobs on a shared machine cannot lower. ``--avx512`` builds
+  the loop with ``-mavx512f`` (16 lanes) on a machine that has it.
+- ``numpy matmul`` and ``tensorflow matmul``: a 4096x4096 float32 product (2 x 4096^3 FLOP)
+  with 2 threads (OpenBLAS / Eigen+oneDNN), each in its own process.
+
+Median of ``--repeats`` runs; writes ``benchmarks/results/peak.json``.
+
+    .venv/bin/python benchmarks/bench_peak.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS_DIR, cpu_info, now, run_child, versions, write_json
+
+N = 4096
+C_SOURCE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#define CHAINS 12
+static double thread_cpu(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+int main(int argc, char **argv) {
+    long iters = atol(argv[1]);
+    double best = 0.0;
+    for (int rep = 0; rep < 5; rep++) {
+        float sink = 0.0f;
+        double cpu_rate = 0.0;
+        double t0 = omp_get_wtime();
+        #pragma omp parallel reduction(+:sink) reduction(+:cpu_rate)
+        {
+            double c0 = thread_cpu();
+            VEC a[CHAINS];
+            VEC m = SET1(0.999999f), c = SET1(1e-7f);
+            for (int k = 0; k < CHAINS; k++) a[k] = SET1((float)(k + omp_get_thread_num()));
+            for (long i = 0; i < iters; i++) {
+                for (int k = 0; k < CHAINS; k++) a[k] = FMA(a[k], m, c);
+            }
+            float out[LANES];
+            for (int k = 1; k < CHAINS; k++) a[0] = ADD(a[0], a[k]);
+            STORE(out, a[0]);
+            for (int l = 0; l < LANES; l++) sink += out[l];
+            cpu_rate += 2.0 * LANES * CHAINS * (double)iters / (thread_cpu() - c0);
+        }
+        double dt = omp_get_wtime() - t0;
+        double flops = 2.0 * LANES * CHAINS * (double)iters * omp_get_max_threads();
+        if (flops / dt > best) best = flops / dt;
+        printf("rep %d: %.3f s, %.1f GFLOP/s, %.1f GFLOP/s per CPU second x threads (sink %g)\n",
+               rep, dt, flops / dt / 1e9, cpu_rate / 1e9, sink);
+    }
+    printf("BEST %.3f\n", best / 1e9);
+    return 0;
+}
+"""
+AVX2 = ("-mavx2 -mfma -DVEC=__m256 -DLANES=8 -DSET1=_mm256_set1_ps -DFMA=_mm256_fmadd_ps "
+        "-DADD=_mm256_add_ps -DSTORE=_mm256_storeu_ps")
+AVX512 = ("-mavx512f -DVEC=__m512 -DLANES=16 -DSET1=_mm512_set1_ps -DFMA=_mm512_fmadd_ps "
+          "-DADD=_mm512_add_ps -DSTORE=_mm512_storeu_ps")
+
+
+def fma_peak(threads: int, avx512: bool, iters: int) -> dict:
+    """Compile and run the FMA loop; GFLOP/s of the best of its 5 repetitions."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        return {"error": "no C compiler"}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "fma.c", Path(tmp) / "fma"
+        src.write_text(C_SOURCE)
+        flags = (AVX512 if avx512 else AVX2).split()
+        cmd = [gcc, "-O3", "-fopenmp", *flags, str(src), "-o", str(exe)]
+        subprocess.run(cmd, check=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_PROC_BIND": "spread"}
+        out = subprocess.run([str(exe), str(iters)], env=env, check=True, text=True,
+                             capture_output=True).stdout
+    reps = [line.split(", ") for line in out.splitlines() if line.startswith("rep ")]
+    runs = [float(r[1].split()[0]) for r in reps]
+    cpu = [float(r[2].split()[0]) for r in reps]
+    return {"gflops": statistics.median(runs), "best_gflops": max(runs), "runs_gflops": runs,
+            "cpu_time_gflops": statistics.median(cpu), "runs_cpu_time_gflops": cpu,
+            "compile": " ".join(cmd[:3] + flags[:2]), "threads": threads,
+            "isa": "AVX-512F" if avx512 else "AVX2+FMA"}
+
+
+def matmul_child(lib: str, repeats: int) -> dict:
+    """GFLOP/s of a 4096x4096 float32 matmul in this process (threads set by the parent)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((N, N), dtype=np.float32)
+    b = rng.standard_normal((N, N), dtype=np.float32)
+    if lib == "tensorflow":
+        import tensorflow as tf
+
+        threads = int(os.environ["BENCH_THREADS"])
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        ta, tb = tf.constant(a), tf.constant(b)
+
+        def mm() -> None:
+            tf.linalg.matmul(ta, tb).numpy()
+    else:
+        def mm() -> None:
+            a @ b
+
+    mm()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm()
+        runs.append(2 * N**3 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops": statistics.median(runs), "best_gflops": max(runs), "runs_gflops": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the three peaks, print them and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=200_000_000,
+                        help="FMA loop iterations per thread and repetition")
+    parser.add_argument("--avx512", action="store_true", help="build the loop for AVX-512F")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "peak.json"))
+    parser.add_argument("--child", choices=("numpy", "tensorflow"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(matmul_child(args.child, args.repeats)), flush=True)
+        return 0
+    load_before = os.getloadavg()
+    t = str(args.threads)
+    env = {"OPENBLAS_NUM_THREADS": t, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t,
+           "BENCH_THREADS": t}
+    rows = {"fma loop": fma_peak(args.threads, args.avx512, args.iters)}
+    for lib in ("numpy", "tensorflow"):
+        rows[f"{lib} matmul {N}"] = run_child([__file__, "--child", lib, "--repeats",
+                                               str(args.repeats)], env=env)
+    machine = cpu_info()
+    print(f"{machine['model']}, {machine['cpus']} CPUs, AVX-512F "
+          f"{'yes' if machine['flags']['avx512f'] else 'no'}; {args.threads} threads")
+    print(f"{'float32 peak':24s} {'median GFLOP/s':>15s} {'best':>8s}")
+    for name, r in rows.items():
+        print(f"{name:24s} {r['gflops']:15.1f} {r['best_gflops']:8.1f}")
+    print(f"{'fma loop per CPU second':24s} {rows['fma loop']['cpu_time_gflops']:15.1f} "
+          "(the cores' own rate, summed over threads)")
+    write_json(Path(args.out), {
+        "benchmark": "float32 peak", "date": now(), "machine": machine, "versions": versions(),
+        "threads": args.threads, "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

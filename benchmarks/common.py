@@ -1,0 +1,109 @@
+"""Shared helpers of the benchmark scripts: timing statistics, machine facts, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+#: Forward + backward FLOP of one 32x32 All-CNN-C (paper variant) training image:
+#: 0.271 GMAC forward, x2 FLOP per MAC, x3 for forward + both backward products.
+TRAIN_GFLOP_PER_IMAGE = 1.62
+#: Forward-only FLOP of one image (inference).
+INFER_GFLOP_PER_IMAGE = 0.542
+
+
+def step_times(step: Callable[[], object], steps: int, warmup: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def spread(times: Sequence[float], batch: int) -> dict[str, float]:
+    """images/s at the median step time, plus the min, quartiles and max of the step times."""
+    t = np.asarray(times, dtype=float)
+    q1, med, q3 = np.percentile(t, [25, 50, 75])
+    return {"images_per_s": batch / float(med), "median_step_s": float(med),
+            "min_step_s": float(t.min()), "q1_step_s": float(q1), "q3_step_s": float(q3),
+            "max_step_s": float(t.max()), "steps": len(t)}
+
+
+def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """At least ``n`` images, repeating the set when it is smaller (the shipped sample)."""
+    reps = -(-n // len(x))
+    k = max(n, len(x))
+    return np.concatenate([x] * reps)[:k], np.concatenate([y] * reps)[:k]
+
+
+def cpu_info() -> dict[str, object]:
+    """CPU model, SIMD flags of interest, core count and memory of this machine."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
+              "amx_bf16", "amx_tile"]
+    return {"model": model, "cpus": os.cpu_count(),
+            "flags": {f: f in flags for f in wanted}, "platform": platform.platform()}
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the numerical packages that are importable (no imports)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("numpy", "tensorflow", "keras", "jax", "jaxlib", "torch", "scipy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` to ``path`` atomically (a temporary beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+def run_child(argv: Sequence[str], env: dict[str, str] | None = None,
+              timeout: float | None = None) -> dict:
+    """Run ``python argv...`` in a fresh process whose last stdout line is a JSON object."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    proc = subprocess.run([sys.executable, *argv], env=full_env, cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise RuntimeError(f"{' '.join(argv)} failed (rc {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
