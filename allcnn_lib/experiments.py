@@ -1,0 +1,213 @@
+"""The four experiments of the seed's README, re-run on a fixed budget with several seeds.
+
+Every run is ``allcnn train`` on All-CNN-C with the seed's recipe (SGD with Nesterov momentum,
+lr 0.01, Keras-2 decay 1e-6, batch 32, shifts and flips, dropout) for ``BUDGET_BATCHES`` = 3,000
+batches, validated on the validation split every ``STEPS_PER_EPOCH`` batches; one setting
+changes per configuration. ``scripts/run_experiments.py`` runs the grid one process at a time
+and copies each run's small files (``config.json``, ``history.csv``, ``batches.csv``) to
+``results/<config>/seed<k>/``; the experiments notebook reads them back with ``load_results``.
+
+A configuration shared by several experiments (the recipe itself is the reference of all four)
+is run once and plotted in each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: The budget of the seed's README experiments: 3,000 batches of 32 images.
+BUDGET_BATCHES = 3000
+BATCH_SIZE = 32
+STEPS_PER_EPOCH = 300  # validation every 300 batches: 10 points per run
+EPOCHS = BUDGET_BATCHES // STEPS_PER_EPOCH
+SEEDS = (0, 1)
+
+#: Flags every run shares: All-CNN-C (paper), the seed's schedule and batch size; the optimizer
+#: is the CLI's default, SGD with Nesterov momentum at lr 0.01 (the seed's).
+COMMON_FLAGS = ("--arch", "allcnn", "--variant", "paper", "--schedule", "seed",
+                "--batch-size", str(BATCH_SIZE), "--epochs", str(EPOCHS),
+                "--steps-per-epoch", str(STEPS_PER_EPOCH))
+
+RESULT_FILES = ("config.json", "history.csv", "batches.csv")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: a folder name, a label for plots and the flags that differ."""
+
+    key: str
+    label: str
+    flags: tuple[str, ...] = ()
+
+    def command(self, seed: int, runs_dir: str | os.PathLike, *extra: str | os.PathLike
+                ) -> list[str]:
+        """The ``allcnn train`` arguments of this configuration's run with ``seed``; ``extra``
+        flags come last (argparse keeps the last value of a repeated flag)."""
+        return ["train", "--id", run_id(self.key, seed), *COMMON_FLAGS, *self.flags,
+                "--seed", str(seed), "--runs-dir", str(runs_dir), *map(str, extra)]
+
+
+BASELINE = Config("baseline", "SGD-Nesterov, Glorot uniform, shifts+flips, dropout")
+
+CONFIGS: dict[str, Config] = {c.key: c for c in (
+    BASELINE,
+    Config("init_lsuv", "LSUV", ("--init", "lsuv")),
+    Config("init_glorot_normal", "Glorot normal", ("--init", "glorot_normal")),
+    Config("init_he_uniform", "He uniform", ("--init", "he_uniform")),
+    Config("init_gaussian", "Gaussian 0.01", ("--init", "gaussian")),
+    Config("no_augment", "no augmentation", ("--no-augment",)),
+    Config("normalize", "shifts+flips, per-channel normalization", ("--normalize",)),
+    Config("zca_0.1", "shifts+flips, GCN + ZCA (eps 0.1)", ("--zca", "--zca-epsilon", "0.1")),
+    Config("zca_1e-6", "shifts+flips, GCN + ZCA (eps 1e-6, the seed's)",
+           ("--zca", "--zca-epsilon", "1e-6")),
+    Config("batch_norm", "batch norm, no dropout", ("--bn", "1", "--dropout", "0")),
+    Config("batch_norm_dropout", "batch norm and dropout", ("--bn", "1")),
+    Config("no_dropout", "neither", ("--dropout", "0")),
+    Config("rmsprop_rho0", "RMSprop, rho 0.0 (the seed's)",
+           ("--optimizer", "rmsprop", "--rho", "0.0")),
+    Config("rmsprop", "RMSprop, rho 0.9", ("--optimizer", "rmsprop")),
+    Config("adam", "Adam", ("--optimizer", "adam")),
+)}
+
+#: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
+#: all Glorot uniform (its -init flag never reached the model), so the baseline is that.
+EXPERIMENTS: dict[str, tuple[str, ...]] = {
+    "initialization": ("baseline", "init_lsuv", "init_glorot_normal", "init_he_uniform",
+                       "init_gaussian"),
+    "augmentation": ("no_augment", "baseline", "normalize", "zca_0.1", "zca_1e-6"),
+    "regularization": ("baseline", "batch_norm", "batch_norm_dropout", "no_dropout"),
+    "optimizers": ("baseline", "rmsprop_rho0", "rmsprop", "adam"),
+}
+
+
+def run_id(key: str, seed: int) -> str:
+    return f"{key}_seed{seed}"
+
+
+def result_dir(results: str | os.PathLike, key: str, seed: int) -> Path:
+    return Path(results) / key / f"seed{seed}"
+
+
+def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
+              seeds: Sequence[int] = SEEDS) -> list[tuple[Config, int]]:
+    """(configuration, seed) pairs, each once, experiment by experiment, both seeds of a
+    configuration together: a partial grid still completes whole experiments."""
+    unknown = [e for e in experiments if e not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment {unknown[0]!r}; choose from "
+                         f"{', '.join(EXPERIMENTS)}")
+    order: list[tuple[Config, int]] = []
+    for experiment in experiments:
+        for key in EXPERIMENTS[experiment]:
+            for seed in seeds:
+                if (CONFIGS[key], seed) not in order:
+                    order.append((CONFIGS[key], seed))
+    return order
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """A finished run: its config says so, and its history has every epoch it asked for (a
+    run stopped by a NaN loss is finished too: that is its result)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        rows = (folder / "history.csv").read_text().strip().splitlines()
+    except (OSError, ValueError):
+        return False
+    status = config.get("run", {}).get("status")
+    epochs_done = len(rows) - 1 >= int(config.get("epochs", EPOCHS))
+    return ((status == "finished" and epochs_done) or status == "terminated_on_nan") and (
+        folder / "batches.csv").is_file()
+
+
+def load_results(results: str | os.PathLike, keys: Sequence[str] | None = None):
+    """The runs under ``results/`` as two ``pandas`` frames: ``batches`` (one row per training
+    batch: config, label, seed, step, loss, accuracy) and ``epochs`` (one row per validation:
+    config, label, seed, epoch, batches, val_loss, val_accuracy). Incomplete runs are left out.
+    """
+    import pandas as pd
+
+    batch_frames, epoch_frames = [], []
+    for key in keys or list(CONFIGS):
+        for folder in sorted((Path(results) / key).glob("seed*")):
+            if not is_complete(folder):
+                continue
+            seed = int(folder.name.removeprefix("seed"))
+            b = pd.read_csv(folder / "batches.csv")
+            b = b.assign(config=key, label=CONFIGS[key].label, seed=seed)
+            batch_frames.append(b[["config", "label", "seed", "step", "loss", "accuracy"]])
+            e = pd.read_csv(folder / "history.csv")
+            steps = int(json.loads((folder / "config.json").read_text())["run"]
+                        ["steps_per_epoch"])
+            e = e.assign(config=key, label=CONFIGS[key].label, seed=seed,
+                         batches=(e["epoch"] + 1) * steps)
+            epoch_frames.append(e[["config", "label", "seed", "epoch", "batches", "val_loss",
+                                   "val_accuracy"]])
+    cols_b = ["config", "label", "seed", "step", "loss", "accuracy"]
+    cols_e = ["config", "label", "seed", "epoch", "batches", "val_loss", "val_accuracy"]
+    batches = pd.concat(batch_frames, ignore_index=True) if batch_frames else pd.DataFrame(
+        columns=cols_b)
+    epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(
+        columns=cols_e)
+    return batches, epochs
+
+
+def smooth_per_run(batches, column: str, window: int = 100):
+    """``batches`` with ``<column>_smoothed``: a trailing mean over ``window`` batches within
+    each (config, seed) run."""
+    out = batches.sort_values(["config", "seed", "step"]).copy()
+    out[f"{column}_smoothed"] = out.groupby(["config", "seed"])[column].transform(
+        lambda s: s.rolling(window, min_periods=1).mean())
+    return out
+
+
+def summary_table(epochs, keys: Sequence[str] | None = None):
+    """Validation accuracy after the last validated batch, per configuration: mean, std over
+    seeds (ddof 1; NaN for a single seed), number of seeds and the per-seed values."""
+    import pandas as pd
+
+    rows = []
+    for key in keys or list(dict.fromkeys(epochs["config"])):
+        runs = epochs[epochs["config"] == key]
+        if runs.empty:
+            continue
+        last = runs.sort_values("batches").groupby("seed").tail(1)
+        values = last["val_accuracy"].to_numpy(float)
+        rows.append({"config": key, "label": CONFIGS[key].label,
+                     "batches": int(last["batches"].max()), "seeds": len(values),
+                     "val_accuracy_mean": float(np.mean(values)),
+                     "val_accuracy_std": float(np.std(values, ddof=1)) if len(values) > 1
+                     else float("nan"),
+                     "per_seed": ", ".join(f"{v:.4f}" for v in values)})
+    return pd.DataFrame(rows)
+
+
+def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window: int = 100):
+    """Three panels: smoothed training loss and accuracy per batch, and validation accuracy,
+    each the mean over seeds with a band of +- one standard deviation (seaborn)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    b = smooth_per_run(batches[batches["config"].isin(keys)], "loss", window)
+    b = smooth_per_run(b, "accuracy", window)
+    e = epochs[epochs["config"].isin(keys)]
+    order = [CONFIGS[k].label for k in keys if k in set(b["config"])]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (frame, x, y, ylabel) in zip(axes, (
+            (b, "step", "loss_smoothed", f"training loss (mean of {window} batches)"),
+            (b, "step", "accuracy_smoothed", f"training accuracy (mean of {window} batches)"),
+            (e, "batches", "val_accuracy", "validation accuracy")), strict=True):
+        sns.lineplot(data=frame, x=x, y=y, hue="label", hue_order=order, errorbar="sd",
+                     ax=ax, legend=ax is axes[2], marker="o" if frame is e else None)
+        ax.set_xlabel("training batches (of 32 images)")
+        ax.set_ylabel(ylabel)
+    axes[2].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{title}: mean over seeds, band = +-1 std")
+    fig.tight_layout()
+    return fig

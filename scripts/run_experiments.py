@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Run the four experiments (``allcnn_lib.experiments``) one process at a time, resumably.
+
+    python scripts/run_experiments.py --list                    # the grid and what is done
+    python scripts/run_experiments.py                           # everything not done yet
+    python scripts/run_experiments.py --experiments optimizers --seeds 0 1
+    KERAS_BACKEND=jax python scripts/run_experiments.py         # e.g. on a GPU machine
+
+Each (configuration, seed) is one ``allcnn train`` process writing to ``--runs-dir`` (default
+``~/.cache/allcnn/experiment_runs``; weights stay there), with its ``BackupAndRestore`` backup
+under ``~/.cache/allcnn/backup/``: stop the script at any time and run it again, it skips the
+finished runs and resumes the interrupted one from its last epoch. A finished run's small
+files (``config.json``, ``history.csv``, ``batches.csv``) are copied to
+``results/<config>/seed<k>/``, which is committed. Logs go to ``<runs-dir>/<run id>.log``.
+
+The results must come from the full CIFAR-10: without it (the shipped sample only) the script
+stops, unless ``--allow-sample`` (for trying the pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from allcnn_lib import experiments as ex  # noqa: E402
+
+
+def copy_results(run_dir: Path, target: Path) -> None:
+    """Copy the run's small files to ``target`` through a temporary folder (atomic rename)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ex.RESULT_FILES:
+        shutil.copy2(run_dir / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiments", nargs="+", default=list(ex.EXPERIMENTS),
+                    choices=list(ex.EXPERIMENTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(ex.SEEDS))
+    ap.add_argument("--results", type=Path, default=ROOT / "results")
+    ap.add_argument("--runs-dir", type=Path,
+                    default=Path.home() / ".cache" / "allcnn" / "experiment_runs")
+    ap.add_argument("--backup-root", type=Path,
+                    default=Path.home() / ".cache" / "allcnn" / "backup",
+                    help="BackupAndRestore folders, one per run (default: ~/.cache/allcnn/backup)")
+    ap.add_argument("--data-dir", help="CIFAR-10 location (default: data/)")
+    ap.add_argument("--allow-sample", action="store_true",
+                    help="run on the shipped sample when the full data is missing (a test of "
+                         "the pipeline; its results do not belong in results/)")
+    ap.add_argument("--max-runs", type=int, help="stop after this many runs")
+    ap.add_argument("--list", action="store_true", help="print the grid and what is done")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("extra", nargs="*", help="more flags for every run (after --)")
+    args = ap.parse_args(argv)
+
+    order = ex.run_order(args.experiments, args.seeds)
+    todo = [(c, s) for c, s in order
+            if not ex.is_complete(ex.result_dir(args.results, c.key, s))]
+    if args.list or args.dry_run:
+        for config, seed in order:
+            done = (config, seed) not in todo
+            line = " ".join(config.command(seed, args.runs_dir, *args.extra))
+            print(f"{'done' if done else 'todo'}  {config.key:20s} seed {seed}   "
+                  f"{'' if args.list else 'allcnn ' + line}")
+        print(f"{len(order) - len(todo)} of {len(order)} runs done")
+        return 0
+
+    from allcnn_lib.data import load_cifar10
+
+    data = load_cifar10(args.data_dir, verbose=False)
+    if data.is_sample and not args.allow_sample:
+        print("error: only the shipped sample is here; the experiments need the full CIFAR-10 "
+              "(make data, or load_cifar10() once with internet), or pass --allow-sample",
+              file=sys.stderr)
+        return 1
+    data_flags = ["--data-dir", args.data_dir] if args.data_dir else []
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(order) - len(todo)} of {len(order)} runs done; {len(todo)} to go "
+          f"({data.source})", flush=True)
+    for n, (config, seed) in enumerate(todo[:args.max_runs], 1):
+        rid = ex.run_id(config.key, seed)
+        cmd = [sys.executable, "-m", "allcnn_lib",
+               *config.command(seed, args.runs_dir, "--backup-dir", args.backup_root / rid,
+                               *data_flags, *args.extra)]
+        log = args.runs_dir / f"{rid}.log"
+        start = time.perf_counter()
+        print(f"[{n}/{len(todo)}] {rid}: allcnn {' '.join(cmd[3:])}  (log: {log})", flush=True)
+        with open(log, "a") as fh:
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        minutes = (time.perf_counter() - start) / 60
+        run_dir = args.runs_dir / rid
+        if rc != 0 or not ex.is_complete(run_dir):
+            print(f"  {rid} failed (exit {rc}) after {minutes:.1f} min; see {log}", flush=True)
+            return 1
+        copy_results(run_dir, ex.result_dir(args.results, config.key, seed))
+        print(f"  {rid} done in {minutes:.1f} min -> "
+              f"{ex.result_dir(args.results, config.key, seed)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

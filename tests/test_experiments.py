@@ -1,0 +1,130 @@
+"""allcnn_lib.experiments and scripts/run_experiments.py: the grid, the commands it runs,
+reading results back, the summary table, the plots, and one real run end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from allcnn_lib import cli
+from allcnn_lib import experiments as ex
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_grid_runs_each_configuration_once_per_seed():
+    order = ex.run_order()
+    keys = [(c.key, s) for c, s in order]
+    assert len(keys) == len(set(keys)) == len(ex.CONFIGS) * len(ex.SEEDS) == 30
+    assert keys[:2] == [("baseline", 0), ("baseline", 1)]
+    assert all(k in ex.CONFIGS for keys_ in ex.EXPERIMENTS.values() for k in keys_)
+    assert ex.EPOCHS * ex.STEPS_PER_EPOCH == ex.BUDGET_BATCHES == 3000
+    with pytest.raises(ValueError, match="unknown experiment"):
+        ex.run_order(["dropout"])
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("baseline", {"init": "glorot_uniform", "optimizer": "sgd", "augment": True,
+                  "dropout": None, "batch_norm": None, "zca": False, "normalize": False}),
+    ("init_lsuv", {"init": "lsuv"}),
+    ("init_gaussian", {"init": "gaussian"}),
+    ("no_augment", {"augment": False}),
+    ("normalize", {"normalize": True, "zca": False}),
+    ("zca_1e-6", {"zca": True, "zca_epsilon": 1e-6}),
+    ("zca_0.1", {"zca": True, "zca_epsilon": 0.1}),
+    ("batch_norm", {"batch_norm": True, "dropout": False}),
+    ("batch_norm_dropout", {"batch_norm": True, "dropout": None}),
+    ("no_dropout", {"dropout": False}),
+    ("rmsprop_rho0", {"optimizer": "rmsprop", "rho": 0.0}),
+    ("rmsprop", {"optimizer": "rmsprop", "rho": 0.9}),
+    ("adam", {"optimizer": "adam"}),
+])
+def test_each_configuration_parses_to_its_settings(key, expected):
+    args = cli.build_parser().parse_args(ex.CONFIGS[key].command(1, "runs"))
+    common = {"arch": "allcnn", "variant": "paper", "schedule": "seed", "batch_size": 32,
+              "epochs": 10, "steps_per_epoch": 300, "seed": 1, "run_id": f"{key}_seed1"}
+    for name, value in {**common, **expected}.items():
+        assert getattr(args, name) == value, (key, name, getattr(args, name))
+
+
+def _fake_run(folder: Path, val: list[float], *, status: str = "finished", epochs: int = 3,
+              steps: int = 4) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(
+        {"epochs": epochs, "run": {"status": status, "steps_per_epoch": steps}}))
+    with open(folder / "history.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "accuracy", "loss", "val_accuracy", "val_loss"])
+        for e, v in enumerate(val):
+            w.writerow([e, 0.5, 1.0, v, 1.0])
+    with open(folder / "batches.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "batch", "step", "loss", "accuracy", "mean_loss", "mean_accuracy",
+                    "learning_rate"])
+        for step in range(len(val) * steps):
+            w.writerow([step // steps, step % steps, step, 2.0 - step / 10, step / 20, 0, 0,
+                        0.01])
+
+
+def test_results_summary_and_plot(tmp_path):
+    _fake_run(ex.result_dir(tmp_path, "baseline", 0), [0.2, 0.3, 0.40])
+    _fake_run(ex.result_dir(tmp_path, "baseline", 1), [0.2, 0.3, 0.50])
+    _fake_run(ex.result_dir(tmp_path, "adam", 0), [0.3, 0.4, 0.60])
+    _fake_run(ex.result_dir(tmp_path, "adam", 1), [0.3, 0.4], status="running")  # unfinished
+    _fake_run(ex.result_dir(tmp_path, "rmsprop", 0), [0.3, 0.4, 0.5], epochs=5)  # short
+    assert not ex.is_complete(ex.result_dir(tmp_path, "adam", 1))
+    assert not ex.is_complete(ex.result_dir(tmp_path, "rmsprop", 0))
+
+    batches, epochs = ex.load_results(tmp_path)
+    assert set(batches["config"]) == set(epochs["config"]) == {"baseline", "adam"}
+    assert len(batches) == 3 * 12 and list(epochs["batches"].unique()) == [4, 8, 12]
+
+    table = ex.summary_table(epochs, ["baseline", "adam", "rmsprop"]).set_index("config")
+    assert list(table.index) == ["baseline", "adam"]
+    assert table.loc["baseline", "val_accuracy_mean"] == pytest.approx(0.45)
+    assert table.loc["baseline", "val_accuracy_std"] == pytest.approx(math.sqrt(0.005))
+    assert table.loc["baseline", "seeds"] == 2 and table.loc["adam", "seeds"] == 1
+    assert math.isnan(table.loc["adam", "val_accuracy_std"])
+    assert table.loc["baseline", "batches"] == 12
+
+    smoothed = ex.smooth_per_run(batches, "loss", window=2)
+    first = smoothed[(smoothed.config == "adam")].sort_values("step")["loss_smoothed"]
+    assert first.iloc[0] == pytest.approx(2.0) and first.iloc[1] == pytest.approx(1.95)
+
+    fig = ex.plot_experiment(batches, epochs, ["baseline", "adam"], title="Optimizers",
+                             window=2)
+    assert len(fig.axes) == 3
+    assert fig.axes[2].get_ylabel() == "validation accuracy"
+    assert all("batches" in ax.get_xlabel() for ax in fig.axes)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALLCNN_QUICK": "1", "KERAS_BACKEND": "tensorflow"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_experiments.py"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_runner_refuses_the_sample_and_runs_one_tiny_configuration(tmp_path):
+    common = ["--experiments", "optimizers", "--seeds", "0", "--results", str(tmp_path / "res"),
+              "--runs-dir", str(tmp_path / "runs"), "--backup-root", str(tmp_path / "backup")]
+    proc = _runner(*common, cwd=tmp_path)  # quick mode: only the shipped sample
+    assert proc.returncode == 1 and "full CIFAR-10" in proc.stderr, proc.stderr
+
+    tiny = ["--", "--epochs", "1", "--steps-per-epoch", "2", "--limit", "100", "--arch",
+            "strided"]
+    proc = _runner(*common, "--allow-sample", "--max-runs", "1", *tiny, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = ex.result_dir(tmp_path / "res", "baseline", 0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(ex.RESULT_FILES)
+    assert ex.is_complete(out)
+    assert "1 of 4 runs done" in _runner(*common, "--list", cwd=tmp_path).stdout
