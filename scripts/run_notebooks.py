@@ -41,6 +41,23 @@ def write_atomic(text: str, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def offline_mathjax(html_dir: Path) -> str:
+    """Copy MathJax 2.7 (from the jupyter-server-mathjax package) beside the HTML pages and
+    return the URL that makes them render math offline; the CDN default needs the internet."""
+    import shutil
+
+    try:
+        import jupyter_server_mathjax
+    except ImportError:  # the HTML still works online, from the CDN
+        print("note: jupyter-server-mathjax is not installed; math renders from the CDN only")
+        from nbconvert import HTMLExporter
+
+        return HTMLExporter().mathjax_url
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    shutil.copytree(static, html_dir / "mathjax", dirs_exist_ok=True)
+    return "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +81,8 @@ def main() -> int:
     mode = "quick" if os.environ.get("ALLCNN_QUICK") else "standard"
     print(f"executing {len(notebooks)} notebooks ({mode} mode)")
     exporter = HTMLExporter(template_name="lab")
+    if not args.inplace:
+        exporter.mathjax_url = offline_mathjax(args.out / "html")
     total = 0.0
     for path in notebooks:
         try:
