@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
                --nbval-cell-timeout=600
 
-.PHONY: help setup test lint unit nbtest run notebooks lab data sample bench clean
+.PHONY: help setup test lint unit nbtest run notebooks lab data sample bench experiments clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ sample: $(SETUP_STAMP)  ## rebuild the shipped sample data/cifar10_sample.npz fr
 
 bench: $(BACKENDS_STAMP)  ## speed table -> docs/performance.md (~15 min; NOTEBOOKS=1 ACCURACY=1 add more)
 	$(BIN)/python benchmarks/run_all.py $(if $(NOTEBOOKS),--notebooks) $(if $(ACCURACY),--accuracy)
+
+experiments: $(SETUP_STAMP)  ## the four experiments, resumable, into results/ (hours on a CPU; see --list)
+	$(BIN)/python scripts/run_experiments.py
 
 clean:  ## remove build outputs (keeps .venv and data)
 	rm -rf build .pytest_cache

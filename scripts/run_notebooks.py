@@ -4,6 +4,7 @@
     python scripts/run_notebooks.py --out build        # make run: copies under build/
     python scripts/run_notebooks.py --inplace          # make notebooks: refresh saved outputs
     python scripts/run_notebooks.py --out build 00 03  # only notebooks whose names start so
+    python scripts/run_notebooks.py --out build --render-only   # HTML of the saved notebooks
 
 The mode follows the environment: ``ALLCNN_QUICK=1`` runs the quick mode (shipped sample, tiny
 budgets); otherwise notebooks use the default data (the full CIFAR-10 when present, else the
@@ -65,6 +66,8 @@ def main() -> int:
     where.add_argument("--out", type=Path, help="folder for executed copies and HTML")
     where.add_argument("--inplace", action="store_true", help="overwrite notebooks/*.ipynb")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="with --out: render the saved notebooks to HTML without executing them")
     ap.add_argument("only", nargs="*", help="name prefixes of the notebooks to run")
     args = ap.parse_args()
 
@@ -79,12 +82,20 @@ def main() -> int:
         print("no notebooks matched", file=sys.stderr)
         return 2
     mode = "quick" if os.environ.get("ALLCNN_QUICK") else "standard"
-    print(f"executing {len(notebooks)} notebooks ({mode} mode)")
+    print(f"rendering {len(notebooks)} saved notebooks" if args.render_only else
+          f"executing {len(notebooks)} notebooks ({mode} mode)")
     exporter = HTMLExporter(template_name="lab")
     if not args.inplace:
         exporter.mathjax_url = offline_mathjax(args.out / "html")
     total = 0.0
     for path in notebooks:
+        if args.render_only and not args.inplace:
+            nb, seconds = nbformat.read(path, as_version=4), 0.0
+            html, _ = exporter.from_notebook_node(nb)
+            where_to = args.out / "html" / path.with_suffix(".html").name
+            write_atomic(html, where_to)
+            print(f"  {path.name:40s} rendered -> {where_to}")
+            continue
         try:
             nb, seconds = execute(path, args.timeout)
         except CellExecutionError as err:
@@ -102,7 +113,7 @@ def main() -> int:
             write_atomic(html, where_to)
         print(f"  {path.name:40s} {seconds:7.1f} s  -> {where_to}")
     print(f"done in {total:.1f} s")
-    if not args.inplace:
+    if not args.inplace and not args.render_only:
         print(f"executed notebooks: {(args.out / 'notebooks').resolve()}")
         print(f"HTML:               {(args.out / 'html').resolve()}")
     return 0
