@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(e, training=False)
     e.add_argument("-batchsize", "--batch-size", dest="batch_size", type=_positive_int,
                    default=256, help="batch size (default 256)")
+    e.add_argument("--tta-flip", action="store_true",
+                   help="test-time augmentation: average the predictions of each image and "
+                        "its horizontal mirror (default: off)")
     e.add_argument("--out", metavar="PATH",
                    help="confusion-matrix PNG (default: confusion_matrix.png beside the weights)")
     _data_options(e)
@@ -343,10 +346,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_trained_model(weights, args.arch, variant=args.variant,
                                batch_norm=args.batch_norm, dropout=args.dropout)
     result = evaluate(model, data.x_test, data.y_test, args.batch_size,
-                      preprocess=run_preprocess(weights), class_names=data.class_names)
+                      preprocess=run_preprocess(weights), class_names=data.class_names,
+                      flip=args.tta_flip)
     out = Path(args.out) if args.out else weights.parent / "confusion_matrix.png"
     print(f"weights: {weights} ({model.name}, {model.count_params():,} params)")
-    print(f"test images: {result.n} from {data.source}")
+    print(f"test images: {result.n} from {data.source}"
+          + ("; test-time flip: on" if args.tta_flip else ""))
     print(f"test accuracy {result.accuracy:.4f}  loss {result.loss:.4f}  "
           f"(error {result.error:.2%})")
     print("per-class accuracy:")
@@ -365,6 +370,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from allcnn_lib.training import atomic_write_text
 
     atomic_write_text(report, json.dumps({"weights": str(weights), "source": data.source,
+                                          "tta_flip": bool(args.tta_flip),
                                           **result.to_dict()}, indent=1))
     print(f"confusion matrix: {out}")
     return 0

@@ -99,9 +99,17 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 256, *,
-                          preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None
-                          ) -> np.ndarray:
-    """Class probabilities for uint8 images, through ``make_dataset`` (autotune off)."""
+                          preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
+                          flip: bool = False) -> np.ndarray:
+    """Class probabilities for uint8 images, through ``make_dataset`` (autotune off).
+
+    ``flip``: test-time augmentation, the mean of the probabilities of each image and of its
+    horizontal mirror (the training augmentation flips, so both are in-distribution).
+    """
+    if flip:
+        return (predict_probabilities(model, x, batch_size, preprocess=preprocess)
+                + predict_probabilities(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size,
+                                        preprocess=preprocess)) / 2
     ds = make_dataset(x, None, batch_size, preprocess=preprocess)
     probs = np.asarray(model.predict(ds, verbose=0), np.float64)
     rows = probs.sum(axis=1)
@@ -113,16 +121,18 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 2
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, *,
              preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
-             class_names: Sequence[str] = CLASS_NAMES) -> EvaluationResult:
+             class_names: Sequence[str] = CLASS_NAMES, flip: bool = False
+             ) -> EvaluationResult:
     """Accuracy, cross-entropy, per-class accuracy and confusion matrix of ``model`` on (x, y).
 
     ``x``: uint8 NHWC images, preprocessed in the pipeline by ``preprocess`` (default /255; for
-    a ZCA run use ``run_preprocess(weights_path)``). ``y``: integer labels.
+    a ZCA run use ``run_preprocess(weights_path)``). ``y``: integer labels. ``flip``: average
+    with the horizontally flipped images (test-time augmentation, ``predict_probabilities``).
     """
     y = np.asarray(y, np.int64).ravel()
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"need as many labels as images (> 0), got {len(x)} and {len(y)}")
-    probs = predict_probabilities(model, x, batch_size, preprocess=preprocess)
+    probs = predict_probabilities(model, x, batch_size, preprocess=preprocess, flip=flip)
     num_classes = probs.shape[1]
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(y, pred, num_classes)

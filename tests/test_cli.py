@@ -136,8 +136,10 @@ def test_steps_per_epoch_and_normalize(tmp_path):
     assert len(read_rows(run_dir / "history.csv")) == 2
     assert (run_dir / "standardizer.npz").is_file()
     proc = run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit", "100",
-                   cwd=tmp_path)
+                   "--tta-flip", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test-time flip: on" in proc.stdout
+    assert json.loads((run_dir / "evaluation.json").read_text())["tta_flip"] is True
     (run_dir / "standardizer.npz").unlink()
     proc = run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit", "100",
                    cwd=tmp_path)

@@ -69,6 +69,18 @@ def test_evaluate_matches_keras_predict(cifar_sample):
     assert result.accuracy == pytest.approx(np.mean(probs.argmax(1) == y))
 
 
+def test_test_time_flip_averages_image_and_mirror(cifar_sample):
+    x, y = cifar_sample.x_test[:24], cifar_sample.y_test[:24]
+    keras.utils.set_random_seed(3)
+    model = build_model("strided")
+    plain = model.predict(x.astype(np.float32) / 255, verbose=0)
+    mirrored = model.predict(x[:, :, ::-1].astype(np.float32) / 255, verbose=0)
+    assert not np.allclose(plain, mirrored, atol=1e-6)  # the network is not flip-invariant
+    result = evaluate(model, x, y, batch_size=16, flip=True)
+    np.testing.assert_allclose(result.probabilities, (plain + mirrored) / 2, atol=1e-5)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def strided_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "best.weights.h5"
