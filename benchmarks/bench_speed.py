@@ -12,6 +12,9 @@ Configurations (``--impls``):
   determinism on, ``make_dataset(..., training=True, augment=True)`` feeding ``model.fit``
   (shuffle, uint8 -> float, random shifts and flips, prefetch), per-batch times from a
   callback; inference is ``model.predict`` through ``make_dataset``.
+- ``ours-onednn``: the same with ``TF_ENABLE_ONEDNN_OPTS=1``. TensorFlow turns its oneDNN
+  kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; on this AVX2 machine they
+  are off (the other configurations keep TensorFlow's default).
 - ``torch-loop``: the same network written by hand in PyTorch (``channels_last`` memory format,
   input dropout 0.2, nine 3x3/1x1 convs with ReLU, dropout 0.5 after the two stride-2 convs,
   global average pooling, cross-entropy, SGD momentum 0.9 Nesterov, weight decay 1e-3 = Keras'
@@ -21,7 +24,7 @@ Every training figure is the median over ``--steps`` (>= 20) steps after ``--war
 (inference: ``--infer-steps`` batches of 256), with the
 min/quartiles/max of the step times. Prints a table; writes ``benchmarks/results/speed.json``.
 
-    .venv/bin/python benchmarks/bench_speed.py                       # ~8-10 min on 2 cores
+    .venv/bin/python benchmarks/bench_speed.py        # ~12 min on the quiet 2-core machine
     .venv/bin/python benchmarks/bench_speed.py --impls torch-loop ours --train-batches 32
 """
 
@@ -47,7 +50,7 @@ from common import (
     write_json,
 )
 
-IMPLS = ("keras-tensorflow", "keras-jax", "keras-torch", "ours", "torch-loop")
+IMPLS = ("keras-tensorflow", "keras-jax", "keras-torch", "ours", "ours-onednn", "torch-loop")
 INFER_BATCH = 256
 
 
@@ -64,7 +67,7 @@ def _data(n: int):
 
 
 def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> dict:
-    """One configuration of a Keras backend, or of our path (``impl == "ours"``)."""
+    """One configuration of a Keras backend, or of our path (``impl`` "ours*")."""
     import keras
     import numpy as np
 
@@ -75,7 +78,7 @@ def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> d
     x, y, source = _data((steps + warmup + 2) * batch)
     model = build_model("allcnn")
     extra: dict[str, object] = {"backend": keras.backend.backend(), "data": source}
-    if impl == "ours":
+    if impl.startswith("ours"):
         from allcnn_lib.training import make_dataset, seed_everything
 
         seed_everything(0)  # as train() does: op determinism (and so no XLA)
@@ -84,7 +87,7 @@ def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> d
                       loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra["jit_compile"] = bool(model.jit_compile)
-        if impl == "ours":
+        if impl.startswith("ours"):
             times: list[float] = []
 
             class Timer(keras.callbacks.Callback):
@@ -106,7 +109,7 @@ def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> d
             yb = y[:batch]
             times = step_times(lambda: model.train_on_batch(xb, yb), steps, warmup)
     else:
-        if impl == "ours":
+        if impl.startswith("ours"):
             times = []
 
             class PTimer(keras.callbacks.Callback):
@@ -209,9 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 20:
         print(f"note: --steps {args.steps} < 20: a smoke run, not the benchmark")
 
-    configs = [(i, "train", b) for i in args.impls for b in args.train_batches]
-    if not args.no_infer:
-        configs += [(i, "infer", args.infer_batch) for i in args.impls]
+    # The pairs that the targets compare first and back to back (a shared machine's load
+    # drifts), the slowest (JAX) last; an interrupted run keeps the rows it finished.
+    order = ["ours", "torch-loop", "ours-onednn", "keras-tensorflow", "keras-torch",
+             "keras-jax"]
+    impls = sorted(args.impls, key=order.index)
+    big, small = max(args.train_batches, default=0), sorted(args.train_batches)[:-1]
+    configs = [(i, "train", big) for i in impls[:2] if big]
+    configs += [(i, "infer", args.infer_batch) for i in impls[:2] if not args.no_infer]
+    configs += [(i, "train", b) for i in impls[:2] for b in small]
+    for i in impls[2:]:  # ours-onednn: only the batch and inference that the targets use
+        batches = [big] if i == "ours-onednn" and big else args.train_batches
+        configs += [(i, "train", b) for b in batches]
+        configs += [] if args.no_infer else [(i, "infer", args.infer_batch)]
     load_before, started, rows = os.getloadavg(), time.perf_counter(), []
 
     def save() -> None:  # after every configuration: an interrupted run keeps what it measured
@@ -230,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         row = run_child([__file__, "--child", impl, mode, str(batch), "--steps",
                          str(args.steps), "--infer-steps", str(args.infer_steps),
                          "--warmup", str(args.warmup)],
-                        env={"KERAS_BACKEND": backend})
+                        env={"KERAS_BACKEND": backend,
+                             **({"TF_ENABLE_ONEDNN_OPTS": "1"} if impl == "ours-onednn"
+                                else {})})
         row["process_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"{impl:17s} {mode:5s} batch {batch:3d}: {row['images_per_s']:7.1f} img/s  "

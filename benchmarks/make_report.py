@@ -19,6 +19,7 @@ IMPL_NAMES = {
     "keras-jax": "Keras 3 / JAX (train_on_batch, XLA)",
     "keras-torch": "Keras 3 / PyTorch (train_on_batch)",
     "ours": "allcnn_lib path (make_dataset + augment + fit)",
+    "ours-onednn": "allcnn_lib path, TF_ENABLE_ONEDNN_OPTS=1",
     "torch-loop": "plain PyTorch loop, channels_last",
 }
 

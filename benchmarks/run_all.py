@@ -25,13 +25,13 @@ HERE = Path(__file__).resolve().parent
 def steps(notebooks: bool, accuracy: bool) -> list[list[str]]:
     """The benchmark command lines (script and arguments) of this run."""
     out = [["bench_peak.py"],
-           ["bench_speed.py"],
-           ["bench_precision.py", "--steps", "3", "--warmup", "1"]
-           + (["--accuracy-steps", "8", "--val-images", "256"] if accuracy else []),
            ["bench_lsuv.py", "--repeats", "3", "--seed-repeats", "1"],
            ["bench_zca.py", "--variants", "exact64,exact32", "--repeats", "2",
             "--no-augmentation"],
-           ["bench_eval.py"]]
+           ["bench_eval.py"],
+           ["bench_precision.py", "--steps", "3", "--warmup", "1"]
+           + (["--accuracy-steps", "8", "--val-images", "256"] if accuracy else []),
+           ["bench_speed.py"]]
     if notebooks:
         out.append(["bench_notebooks.py"])
     return out
