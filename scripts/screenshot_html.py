@@ -24,14 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKS_JS = """() => {
   const imgs = [...document.querySelectorAll('img')];
   const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;
-  const typeset = document.querySelectorAll('.MathJax, .MathJax_Display, mjx-container').length;
+  const typeset = document.querySelectorAll('.MathJax, .MathJax_SVG, mjx-container').length;
   const raw = [...document.querySelectorAll('.jp-RenderedMarkdown, .jp-MarkdownOutput')]
     .map(e => e.innerText).join('\\n');
   const untypeset = (raw.match(/\\$[^$\\s][^$]*\\$/g) || []).length;
+  const errors = [...document.querySelectorAll('.MathJax_Error, .MathJax, .MathJax_SVG')]
+    .filter(e => /Math Processing Error/.test(e.textContent)).length
+    + (document.body.innerText.match(/\\[Math Processing Error\\]/g) || []).length;
   const width = document.documentElement.clientWidth;
   const wide = [...document.querySelectorAll('img, table, pre')]
     .filter(e => e.getBoundingClientRect().right > width + 1).length;
-  return {images: imgs.length, broken, typeset, untypeset, wide,
+  return {images: imgs.length, broken, typeset, untypeset, errors, wide,
           height: document.documentElement.scrollHeight};
 }"""
 
@@ -46,7 +49,15 @@ def shoot(page, html: Path, out_dir: Path) -> dict:
     checks = page.evaluate(CHECKS_JS)
     out_dir.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out_dir / f"{html.stem}_top.png"))
-    page.screenshot(path=str(out_dir / f"{html.stem}_full.png"), full_page=True)
+    full = out_dir / f"{html.stem}_full.png"
+    page.screenshot(path=str(full), full_page=True)
+    try:  # a 256-colour palette keeps a 10,000-pixel page around 1 MB
+        from PIL import Image
+
+        Image.open(full).convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(
+            full, optimize=True)
+    except ImportError:
+        pass
     return checks
 
 
@@ -76,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         page = browser.new_page(viewport={"width": args.width, "height": 900})
         for html in args.pages:
             c = shoot(page, html, args.out)
-            ok = c["broken"] == 0 and c["untypeset"] == 0 and c["wide"] == 0
+            ok = not (c["broken"] or c["untypeset"] or c["errors"] or c["wide"])
             failed |= not ok
             print(f"{'ok  ' if ok else 'FAIL'} {html.name}: {c['images']} images "
-                  f"({c['broken']} broken), {c['typeset']} typeset formulas, "
+                  f"({c['broken']} broken), {c['typeset']} typeset formulas "
+                  f"({c['errors']} errors), "
                   f"{c['untypeset']} left as raw $...$, {c['wide']} elements wider than the "
                   f"page, {c['height']} px tall -> {args.out}/{html.stem}_{{top,full}}.png")
         browser.close()
