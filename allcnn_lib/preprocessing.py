@@ -352,20 +352,42 @@ class ZCAWhitening:
                              "constant features) and epsilon is 0: use epsilon > 0")
         biggest = np.abs(comp).argmax(axis=1)
         comp *= np.where(comp[np.arange(d), biggest] < 0, -1.0, 1.0).astype(np.float32)[:, None]
-        gain = (1.0 / np.sqrt(lam + self.epsilon)).astype(np.float32)
-        if self.mode == "zca":
-            w = (comp.T * gain) @ comp
-            w = (w + w.T) * np.float32(0.5)
-        else:
-            w = gain[:, None] * comp
 
         self.mean_ = mean
         self.eigenvalues_ = lam
         self.components_ = comp
-        self.whitening_matrix_ = np.ascontiguousarray(w, dtype=np.float32)
+        self.whitening_matrix_ = self._whitening_matrix(lam, comp, self.epsilon, self.mode)
         self.feature_shape_ = tuple(int(s) for s in images.shape[1:])
         self.n_samples_ = int(n)
         return self
+
+    @staticmethod
+    def _whitening_matrix(lam: np.ndarray, comp: np.ndarray, epsilon: float, mode: str
+                          ) -> np.ndarray:
+        gain = (1.0 / np.sqrt(lam + epsilon)).astype(np.float32)
+        if mode == "zca":
+            w = (comp.T * gain) @ comp
+            w = (w + w.T) * np.float32(0.5)
+        else:
+            w = gain[:, None] * comp
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def with_epsilon(self, epsilon: float, mode: str | None = None) -> ZCAWhitening:
+        """A fitted copy with another ``epsilon`` (and ``mode``), from this fit's mean and
+        eigendecomposition: no refit (the 3,072 x 3,072 eigendecomposition is the slow part).
+        Equal to fitting again with those settings (``flip_invariant`` kept)."""
+        if not self.fitted:
+            raise RuntimeError("ZCAWhitening is not fitted: call fit(training_images) first")
+        other = ZCAWhitening(epsilon, mode or self.mode, covariance_dtype=self.covariance_dtype,
+                             eigh_dtype=self.eigh_dtype, flip_invariant=self.flip_invariant)
+        if self.eigenvalues_[-1] + other.epsilon <= 0:
+            raise ValueError("the covariance is singular and epsilon is 0: use epsilon > 0")
+        other.mean_, other.eigenvalues_ = self.mean_, self.eigenvalues_
+        other.components_ = self.components_
+        other.whitening_matrix_ = self._whitening_matrix(self.eigenvalues_, self.components_,
+                                                         other.epsilon, other.mode)
+        other.feature_shape_, other.n_samples_ = self.feature_shape_, self.n_samples_
+        return other
 
     def _covariance(self, x: np.ndarray, center: Any) -> np.ndarray:
         """``sum(c^T c) / N`` over row blocks ``c = center(block, dtype)``, summed in float64."""

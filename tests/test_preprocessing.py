@@ -223,6 +223,21 @@ def test_larger_epsilon_shrinks_noise_amplification(patches):
     assert gains[1e-6][0] > 100  # up to 1/sqrt(1e-6) = 1000x for near-empty directions
 
 
+def test_with_epsilon_equals_a_refit(patches):
+    fitted = ZCAWhitening(epsilon=1e-2).fit(patches)
+    x = patches[:50]
+    for eps, mode in ((1e-4, None), (0.1, None), (1e-2, "pca")):
+        again = ZCAWhitening(epsilon=eps, mode=mode or "zca").fit(patches)
+        other = fitted.with_epsilon(eps, mode)
+        assert (other.epsilon, other.mode) == (eps, mode or "zca")
+        np.testing.assert_allclose(other.transform(x), again.transform(x), rtol=1e-4,
+                                   atol=1e-4)
+        assert other.max_gain() == pytest.approx(again.max_gain())
+    assert fitted.epsilon == 1e-2 and fitted.mode == "zca"  # the original is unchanged
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ZCAWhitening().with_epsilon(0.1)
+
+
 def test_zca_is_deterministic_and_any_batch(pooled):
     a = ZCAWhitening(epsilon=1e-2).fit(pooled)
     b = ZCAWhitening(epsilon=1e-2).fit(pooled.copy())
