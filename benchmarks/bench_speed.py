@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infer-steps", type=int, default=10,
                         help="timed inference steps of --infer-batch images (median)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "speed.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other rows of --out and replace only the configurations "
+                             "run now (to remeasure a few at a quieter moment)")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "MODE", "BATCH"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -226,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         configs += [(i, "train", b) for b in batches]
         configs += [] if args.no_infer else [(i, "infer", args.infer_batch)]
     load_before, started, rows = os.getloadavg(), time.perf_counter(), []
+    kept: list[dict] = []
+    if args.update and Path(args.out).exists():
+        wanted = set(configs)
+        kept = [r for r in json.loads(Path(args.out).read_text())["rows"]
+                if (r["impl"], r["mode"], r["batch_size"]) not in wanted]
 
     def save() -> None:  # after every configuration: an interrupted run keeps what it measured
         write_json(Path(args.out), {
@@ -235,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             "statistic": "median seconds per step -> images/s; spread = min/quartiles/max",
             "train_gflop_per_image": TRAIN_GFLOP_PER_IMAGE, "load_average_before": load_before,
             "load_average_after": os.getloadavg(), "seconds": time.perf_counter() - started,
-            "complete": len(rows) == len(configs), "rows": rows})
+            "complete": len(rows) == len(configs), "updated": args.update,
+            "rows": kept + rows})
 
     for impl, mode, batch in configs:
         backend = impl.removeprefix("keras-") if impl.startswith("keras-") else "tensorflow"
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                              **({"TF_ENABLE_ONEDNN_OPTS": "1"} if impl == "ours-onednn"
                                 else {})})
         row["process_s"] = time.perf_counter() - t0
+        row["date"] = now()
         rows.append(row)
         print(f"{impl:17s} {mode:5s} batch {batch:3d}: {row['images_per_s']:7.1f} img/s  "
               f"(steps {row['min_step_s']:.3f}-{row['max_step_s']:.3f} s, load "
