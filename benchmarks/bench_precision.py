@@ -5,15 +5,19 @@ Each policy runs in its own process through our training path (``seed_everything
 
 - speed: the median per-batch time of ``--steps`` batches of ``--batch`` after ``--warmup``;
 - accuracy (``--accuracy-steps N`` > 0): both policies train N steps from the same initial
-  weights on the same batches, then report the validation accuracy and loss on
-  ``--val-images`` validation images (evaluated in the policy they were trained in).
+  weights on the same batches; the parent compares their training-loss trajectories step by
+  step (the largest gap), then each reports the validation accuracy and loss on
+  ``--val-images`` validation images (evaluated in the policy it was trained in). A few steps
+  leave the network near chance, so the loss gap is the sensitive check; the validation
+  accuracy only catches a policy that diverges.
 
 Without bfloat16 hardware (AVX-512 BF16 or AMX) TensorFlow cannot use fast bf16 kernels and
 mixed_bfloat16 runs far slower than float32; the JSON records the CPU flags. Writes
 ``benchmarks/results/precision.json``.
 
     .venv/bin/python benchmarks/bench_precision.py                      # speed only, ~2 min
-    .venv/bin/python benchmarks/bench_precision.py --accuracy-steps 40  # + accuracy, ~10 min
+    .venv/bin/python benchmarks/bench_precision.py --accuracy-steps 6   # + short check, ~3 min
+    .venv/bin/python benchmarks/bench_precision.py --accuracy-steps 40  # longer, ~15 min
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def child(policy: str, batch: int, steps: int, warmup: int, accuracy_steps: int,
                   loss=keras.losses.SparseCategoricalCrossentropy(),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     times: list[float] = []
+    losses: list[float] = []  # Keras' running mean of the training loss after each batch
 
     class Timer(keras.callbacks.Callback):
         def on_train_batch_begin(self, b, logs=None):
@@ -59,6 +64,7 @@ def child(policy: str, batch: int, steps: int, warmup: int, accuracy_steps: int,
 
         def on_train_batch_end(self, b, logs=None):
             times.append(time.perf_counter() - self.t0)
+            losses.append(float((logs or {}).get("loss", float("nan"))))
 
     ds = make_dataset(x, y, batch, training=True, augment=True, seed=0)
     history = model.fit(ds.repeat(), epochs=1, steps_per_epoch=total, callbacks=[Timer()],
@@ -72,7 +78,8 @@ def child(policy: str, batch: int, steps: int, warmup: int, accuracy_steps: int,
         result = evaluate(model, data.x_val[:n], data.y_val[:n])
         row.update({"accuracy_steps": accuracy_steps, "val_images": n,
                     "val_accuracy": result.accuracy, "val_loss": result.loss,
-                    "train_loss_last": float(np.asarray(history.history["loss"][-1]))})
+                    "train_loss_last": float(np.asarray(history.history["loss"][-1])),
+                    "train_loss_per_step": losses[:accuracy_steps]})
     return {**row, "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
@@ -102,10 +109,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['min_step_s']:.2f}-{r['max_step_s']:.2f} s){acc}", flush=True)
     speedup = rows["mixed_bfloat16"]["images_per_s"] / rows["float32"]["images_per_s"]
     print(f"mixed_bfloat16 / float32 speed: {speedup:.2f}x (target >= 1.5x)")
+    gap = None
+    if all("train_loss_per_step" in r for r in rows.values()):
+        f32, b16 = (rows[p]["train_loss_per_step"] for p in POLICIES)
+        gap = max(abs(a - b) for a, b in zip(f32, b16, strict=True))
+        print("training loss per step (running mean), float32 vs mixed_bfloat16:")
+        for i, (a, b) in enumerate(zip(f32, b16, strict=True), 1):
+            print(f"  step {i:3d}: {a:.4f}  {b:.4f}  ({b - a:+.4f})")
+        print(f"largest gap {gap:.4f}")
     write_json(Path(args.out), {
         "benchmark": "mixed_bfloat16 vs float32", "date": now(), "machine": cpu_info(),
         "versions": versions(), "load_average_before": load_before,
-        "load_average_after": os.getloadavg(), "rows": rows, "speedup": speedup})
+        "load_average_after": os.getloadavg(), "rows": rows, "speedup": speedup,
+        "train_loss_max_gap": gap})
     return 0
 
 

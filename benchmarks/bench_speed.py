@@ -1,5 +1,5 @@
 """All-CNN-C training and inference images/s: Keras 3 on three backends, our training path and
-a hand-written PyTorch loop, each configuration in its own process.
+a hand-written PyTorch loop, each implementation in its own process.
 
 Configurations (``--impls``):
 
@@ -24,7 +24,12 @@ Every training figure is the median over ``--steps`` (>= 20) steps after ``--war
 (inference: ``--infer-steps`` batches of 256), with the
 min/quartiles/max of the step times. Prints a table; writes ``benchmarks/results/speed.json``.
 
-    .venv/bin/python benchmarks/bench_speed.py        # ~12 min on the quiet 2-core machine
+Each implementation runs in a fresh process (a backend is fixed at import, and TensorFlow reads
+``TF_ENABLE_ONEDNN_OPTS`` once), which measures its modes one after the other, each on a newly
+built model; ``--process-per config`` gives every (implementation, mode, batch) its own process
+instead, at about 15 s of start-up and tracing per extra process.
+
+    .venv/bin/python benchmarks/bench_speed.py        # ~11 min on the quiet 2-core machine
     .venv/bin/python benchmarks/bench_speed.py --impls torch-loop ours --train-batches 32
 """
 
@@ -198,36 +203,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-infer", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median; >= 20)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--infer-steps", type=int, default=10,
+    parser.add_argument("--infer-steps", type=int, default=6,
                         help="timed inference steps of --infer-batch images (median)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "speed.json"))
     parser.add_argument("--update", action="store_true",
                         help="keep the other rows of --out and replace only the configurations "
                              "run now (to remeasure a few at a quieter moment)")
-    parser.add_argument("--child", nargs=3, metavar=("IMPL", "MODE", "BATCH"),
+    parser.add_argument("--process-per", choices=("impl", "config"), default="impl",
+                        help="a fresh process per implementation (default) or per "
+                             "(implementation, mode, batch)")
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODE:BATCH,..."),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        impl, mode, batch = args.child
-        steps = args.steps if mode == "train" else args.infer_steps
-        print(json.dumps(child(impl, mode, int(batch), steps, args.warmup)), flush=True)
+        impl, specs = args.child
+        for spec in specs.split(","):
+            mode, batch = spec.split(":")
+            steps = args.steps if mode == "train" else args.infer_steps
+            row = child(impl, mode, int(batch), steps, args.warmup)
+            print(json.dumps(row), flush=True)  # one JSON line per configuration
         return 0
     if args.steps < 20:
         print(f"note: --steps {args.steps} < 20: a smoke run, not the benchmark")
 
     # The pairs that the targets compare first and back to back (a shared machine's load
     # drifts), the slowest (JAX) last; an interrupted run keeps the rows it finished.
+    # In each process: the large training batch, inference, then the small batches.
     order = ["ours", "torch-loop", "ours-onednn", "keras-tensorflow", "keras-torch",
              "keras-jax"]
     impls = sorted(args.impls, key=order.index)
     big, small = max(args.train_batches, default=0), sorted(args.train_batches)[:-1]
-    configs = [(i, "train", big) for i in impls[:2] if big]
-    configs += [(i, "infer", args.infer_batch) for i in impls[:2] if not args.no_infer]
-    configs += [(i, "train", b) for i in impls[:2] for b in small]
-    for i in impls[2:]:  # ours-onednn: only the batch and inference that the targets use
-        batches = [big] if i == "ours-onednn" and big else args.train_batches
-        configs += [(i, "train", b) for b in batches]
+    configs: list[tuple[str, str, int]] = []
+    for i in impls:  # ours-onednn: only the batch and inference that the targets use
+        configs += [(i, "train", big)] if big else []
         configs += [] if args.no_infer else [(i, "infer", args.infer_batch)]
+        configs += [] if i == "ours-onednn" else [(i, "train", b) for b in small]
     load_before, started, rows = os.getloadavg(), time.perf_counter(), []
     kept: list[dict] = []
     if args.update and Path(args.out).exists():
@@ -246,21 +256,34 @@ def main(argv: list[str] | None = None) -> int:
             "complete": len(rows) == len(configs), "updated": args.update,
             "rows": kept + rows})
 
-    for impl, mode, batch in configs:
+    groups: list[list[tuple[str, str, int]]] = []
+    for config in configs:  # consecutive configurations of one implementation share a process
+        if args.process_per == "impl" and groups and groups[-1][0][0] == config[0]:
+            groups[-1].append(config)
+        else:
+            groups.append([config])
+    for group in groups:
+        impl = group[0][0]
         backend = impl.removeprefix("keras-") if impl.startswith("keras-") else "tensorflow"
         t0 = time.perf_counter()
-        row = run_child([__file__, "--child", impl, mode, str(batch), "--steps",
-                         str(args.steps), "--infer-steps", str(args.infer_steps),
-                         "--warmup", str(args.warmup)],
-                        env={"KERAS_BACKEND": backend,
-                             **({"TF_ENABLE_ONEDNN_OPTS": "1"} if impl == "ours-onednn"
-                                else {})})
-        row["process_s"] = time.perf_counter() - t0
-        row["date"] = now()
-        rows.append(row)
-        print(f"{impl:17s} {mode:5s} batch {batch:3d}: {row['images_per_s']:7.1f} img/s  "
-              f"(steps {row['min_step_s']:.3f}-{row['max_step_s']:.3f} s, load "
-              f"{row['load_average_before'][0]:.1f})  [{row['process_s']:.0f} s]", flush=True)
+        new_rows = run_child(
+            [__file__, "--child", impl, ",".join(f"{m}:{b}" for _, m, b in group),
+             "--steps", str(args.steps), "--infer-steps", str(args.infer_steps),
+             "--warmup", str(args.warmup)],
+            env={"KERAS_BACKEND": backend,
+                 **({"TF_ENABLE_ONEDNN_OPTS": "1"} if impl == "ours-onednn" else {})},
+            all_rows=True)
+        for row in new_rows:
+            row["process_s"] = time.perf_counter() - t0  # the whole process, all its modes
+            row["configs_in_process"] = len(group)
+            row["date"] = now()
+            rows.append(row)
+            print(f"{impl:17s} {row['mode']:5s} batch {row['batch_size']:3d}: "
+                  f"{row['images_per_s']:7.1f} img/s  (steps {row['min_step_s']:.3f}-"
+                  f"{row['max_step_s']:.3f} s, load {row['load_average_before'][0]:.1f})",
+                  flush=True)
+        print(f"{impl}: {len(group)} configuration(s) in one process, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
         save()
 
     print(f"\n{'configuration':30s} {'img/s':>8s} {'GFLOP/s':>8s} {'median s':>9s} "

@@ -97,8 +97,11 @@ def write_json(path: Path, result: dict) -> None:
 
 
 def run_child(argv: Sequence[str], env: dict[str, str] | None = None,
-              timeout: float | None = None) -> dict:
-    """Run ``python argv...`` in a fresh process whose last stdout line is a JSON object."""
+              timeout: float | None = None, all_rows: bool = False):
+    """Run ``python argv...`` in a fresh process that prints JSON objects on stdout lines.
+
+    Returns the last object, or with ``all_rows`` the list of all of them.
+    """
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     proc = subprocess.run([sys.executable, *argv], env=full_env, cwd=REPO, text=True,
                           capture_output=True, timeout=timeout)
@@ -106,4 +109,4 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None,
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-2000:]
         raise RuntimeError(f"{' '.join(argv)} failed (rc {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1])
+    return [json.loads(ln) for ln in lines] if all_rows else json.loads(lines[-1])
