@@ -310,6 +310,10 @@ def main() -> int:
     if ev:
         t.append(("test-set evaluation <= 60 s", f"{ev['median_s']:.1f} s",
                   ev["median_s"] <= 60))
+    if run:
+        minutes = run["seconds"] / 60
+        extra = " (with the notebook suite)" if run.get("notebooks") else ""
+        t.append(("`make bench` <= 15 min", f"{minutes:.1f} min{extra}", minutes <= 15))
     for name, value, ok in t:
         w(f"| {name} | {value} | {verdict(ok)} |")
     w("")
