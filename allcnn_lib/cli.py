@@ -352,8 +352,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"weights: {weights} ({model.name}, {model.count_params():,} params)")
     print(f"test images: {result.n} from {data.source}"
           + ("; test-time flip: on" if args.tta_flip else ""))
-    print(f"test accuracy {result.accuracy:.4f}  loss {result.loss:.4f}  "
+    label = "SAMPLE accuracy" if data.is_sample else "test accuracy"
+    print(f"{label} {result.accuracy:.4f}  loss {result.loss:.4f}  "
           f"(error {result.error:.2%})")
+    if data.is_sample:
+        print(f"note: these are the {result.n:,} test images of the shipped sample, not the "
+              "10,000-image CIFAR-10 test set; for the real figure get the full data "
+              "(make data, or any run with internet) and run this again")
     print("per-class accuracy:")
     print(result.per_class_table())
 

@@ -187,7 +187,8 @@ def test_evaluate_prints_test_scores_and_writes_the_confusion_matrix(evaluated_r
     run_dir, proc = evaluated_run
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert "test accuracy " in stdout and "loss " in stdout
+    assert "SAMPLE accuracy " in stdout and "loss " in stdout
+    assert "not the 10,000-image CIFAR-10 test set" in stdout  # labelled as the sample's
     assert "strided_cnn_c" in stdout  # the network came from config.json
     assert sum(name in stdout for name in ("airplane", "truck", "ship")) == 3
     assert (run_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Ship a finished training run as the course's final model under ``data/final_model/``.
+
+    python scripts/ship_final_model.py RUN_DIR --command "allcnn train ..." [--machine TEXT]
+
+Copies the run's checkpoint chosen on the validation split (``best.weights.h5``, network
+variables only: the optimizer's slots are dropped) with its
+``config.json``, ``history.csv``, ``batches.csv`` and preprocessing state (``standardizer.npz`` or
+``zca.npz``),
+evaluates it **once** on the CIFAR-10 test set, and writes ``provenance.json`` (the exact
+command, wall time, machine, versions, validation and test figures, md5 of every file) and
+``MD5SUMS`` (checked by ``make evaluate``). Refuses a run that is unfinished, trained on the
+shipped sample, or whose weights exceed 6 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MAX_WEIGHTS_BYTES = 6_000_000
+FILES = ("best.weights.h5", "config.json", "history.csv")
+OPTIONAL_FILES = ("batches.csv", "standardizer.npz", "zca.npz")
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--command", required=True, help="the exact training command")
+    ap.add_argument("--machine", default=None,
+                    help="where it trained (default: this machine's CPU and core count)")
+    ap.add_argument("--out", type=Path, default=ROOT / "data" / "final_model")
+    args = ap.parse_args(argv)
+
+    run = args.run_dir
+    missing = [f for f in FILES if not (run / f).is_file()]
+    if missing:
+        print(f"error: {run} lacks {', '.join(missing)}: not a finished training run",
+              file=sys.stderr)
+        return 1
+    config = json.loads((run / "config.json").read_text())
+    info = config.get("run", {})
+    if info.get("status") != "finished":
+        print(f"error: {run} has status {info.get('status')!r}, not 'finished'; let the "
+              "training finish (run the same command again to resume)", file=sys.stderr)
+        return 1
+    if info.get("is_sample"):
+        print("error: the run trained on the shipped sample; the final model must come from "
+              "the full CIFAR-10", file=sys.stderr)
+        return 1
+    from allcnn_lib.data import load_cifar10
+    from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
+    from allcnn_lib.plots import read_columns
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    files = [*FILES, *(f for f in OPTIONAL_FILES if (run / f).is_file())]
+    for name in files:
+        if name != "best.weights.h5":
+            shutil.copy2(run / name, out / name)
+    # A training checkpoint also holds the optimizer's slots (as large as the weights);
+    # predicting needs only the network's variables, so save those alone.
+    staged = out / "staged.weights.h5"
+    load_trained_model(run / "best.weights.h5").save_weights(staged)
+    size = staged.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        staged.unlink()
+        print(f"error: the weights are {size / 1e6:.1f} MB, over the 6 MB limit",
+              file=sys.stderr)
+        return 1
+    os.replace(staged, out / "best.weights.h5")
+
+    history = read_columns(out / "history.csv")
+    best_epoch = int(history["val_accuracy"].argmax())
+    data = load_cifar10(validation_size=0, verbose=False)
+    if data.is_sample:
+        print("error: the test evaluation needs the full CIFAR-10 (make data)", file=sys.stderr)
+        return 1
+    weights = out / "best.weights.h5"
+    model = load_trained_model(weights)
+    result = evaluate(model, data.x_test, data.y_test, preprocess=run_preprocess(weights),
+                      class_names=data.class_names)
+    provenance = {
+        "command": args.command,
+        "run_id": config.get("run_id"),
+        "trained_on": "CIFAR-10 (JPEG copy): 45,000 training images, 5,000 for validation",
+        "machine": args.machine or f"{cpu_model()}, {os.cpu_count()} CPU cores, no GPU",
+        "versions": {k: info.get(k) for k in ("keras", "tensorflow", "backend")},
+        "epochs": int(len(history["epoch"])),
+        "wall_time_s": float(sum(history["time"])) if "time" in history else None,
+        "checkpoint": f"epoch {best_epoch + 1} of {len(history['epoch'])}, the best "
+                      "validation accuracy",
+        "val_accuracy": float(history["val_accuracy"][best_epoch]),
+        "test_accuracy": result.accuracy,
+        "test_loss": result.loss,
+        "test_images": result.n,
+        "test_evaluations": 1,
+        "shipped": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "md5": {name: md5(out / name) for name in files},
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    (out / "MD5SUMS").write_text("".join(f"{h}  {n}\n" for n, h in provenance["md5"].items()))
+    print(json.dumps({k: v for k, v in provenance.items() if k != "md5"}, indent=1))
+    print(f"shipped to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
