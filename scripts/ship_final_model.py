@@ -16,35 +16,21 @@ shipped sample, or whose weights exceed 6 MB.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from common import cpu_info  # noqa: E402  (benchmarks/common.py: the CPU model)
 
 MAX_WEIGHTS_BYTES = 6_000_000
 FILES = ("best.weights.h5", "config.json", "history.csv")
 OPTIONAL_FILES = ("batches.csv", "standardizer.npz", "zca.npz")
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,18 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the run trained on the shipped sample; the final model must come from "
               "the full CIFAR-10", file=sys.stderr)
         return 1
-    from allcnn_lib.data import load_cifar10
+    from allcnn_lib.data import load_cifar10, md5sum
     from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
     from allcnn_lib.plots import read_columns
 
+    # Check the data before writing anything, so that a refusal leaves --out as it was.
+    data = load_cifar10(validation_size=0, verbose=False)
+    if data.is_sample:
+        print("error: the test evaluation needs the full CIFAR-10 (make data)", file=sys.stderr)
+        return 1
+
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    files = [*FILES, *(f for f in OPTIONAL_FILES if (run / f).is_file())]
-    for name in files:
-        if name != "best.weights.h5":
-            shutil.copy2(run / name, out / name)
     # A training checkpoint also holds the optimizer's slots (as large as the weights);
-    # predicting needs only the network's variables, so save those alone.
+    # predicting needs only the network's variables, so save those alone, and check their size
+    # before anything in --out is replaced.
     staged = out / "staged.weights.h5"
     load_trained_model(run / "best.weights.h5").save_weights(staged)
     size = staged.stat().st_size
@@ -92,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the weights are {size / 1e6:.1f} MB, over the 6 MB limit",
               file=sys.stderr)
         return 1
+    files = [*FILES, *(f for f in OPTIONAL_FILES if (run / f).is_file())]
+    for name in files:
+        if name != "best.weights.h5":
+            shutil.copy2(run / name, out / name)
     os.replace(staged, out / "best.weights.h5")
 
     history = read_columns(out / "history.csv")
     best_epoch = int(history["val_accuracy"].argmax())
-    data = load_cifar10(validation_size=0, verbose=False)
-    if data.is_sample:
-        print("error: the test evaluation needs the full CIFAR-10 (make data)", file=sys.stderr)
-        return 1
     weights = out / "best.weights.h5"
     model = load_trained_model(weights)
     result = evaluate(model, data.x_test, data.y_test, preprocess=run_preprocess(weights),
@@ -107,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     provenance = {
         "command": args.command,
         "run_id": config.get("run_id"),
-        "trained_on": "CIFAR-10 (JPEG copy): 45,000 training images, 5,000 for validation",
-        "machine": args.machine or f"{cpu_model()}, {os.cpu_count()} CPU cores, no GPU",
+        "trained_on": f"CIFAR-10 (JPEG copy): {info['train_images']:,} training images, "
+                      f"{info['validation_images']:,} for validation",
+        "machine": args.machine or f"{cpu_info()['model']}, {os.cpu_count()} CPU cores, no GPU",
         "versions": {k: info.get(k) for k in ("keras", "tensorflow", "backend")},
         "epochs": int(len(history["epoch"])),
         "wall_time_s": float(sum(history["time"])) if "time" in history else None,
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": result.n,
         "test_evaluations": 1,
         "shipped": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "md5": {name: md5(out / name) for name in files},
+        "md5": {name: md5sum(out / name) for name in files},
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     (out / "MD5SUMS").write_text("".join(f"{h}  {n}\n" for n, h in provenance["md5"].items()))

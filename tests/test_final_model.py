@@ -3,7 +3,6 @@ and ``scripts/ship_final_model.py``'s refusals."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,15 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from allcnn_lib.data import md5sum
+
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = ROOT / "data" / "final_model"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 needs_make = pytest.mark.skipif(not VENV_PYTHON.exists() or shutil.which("make") is None,
                                 reason="make evaluate runs the project's .venv")
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def provenance() -> dict:
@@ -42,7 +39,7 @@ def test_shipped_files_match_their_checksums():
     assert listed == prov["md5"]
     assert {"best.weights.h5", "config.json", "history.csv"} <= set(listed)
     for name, digest in listed.items():
-        assert md5(FINAL / name) == digest, name
+        assert md5sum(FINAL / name) == digest, name
     assert (FINAL / "best.weights.h5").stat().st_size <= 6_000_000
 
 
