@@ -60,7 +60,7 @@ data:  ## unpack the full CIFAR-10 (JPEG copy) from ../shared/ into data/ (proje
 sample: $(SETUP_STAMP)  ## rebuild the shipped sample data/cifar10_sample.npz from ../shared/cifar10
 	$(BIN)/python scripts/make_sample.py
 
-bench: $(BACKENDS_STAMP)  ## speed table -> docs/performance.md (~19 min here; NOTEBOOKS=1 ACCURACY=1 add more)
+bench: $(BACKENDS_STAMP)  ## speed table -> docs/performance.md (5-20 min; NOTEBOOKS=1 ACCURACY=1 add more)
 	$(BIN)/python benchmarks/run_all.py $(if $(NOTEBOOKS),--notebooks) $(if $(ACCURACY),--accuracy)
 
 experiments: $(SETUP_STAMP)  ## the four experiments, resumable, into results/ (hours on a CPU; see --list)

@@ -1,12 +1,12 @@
 """The machine's measured float32 peak: a hand-written FMA loop, and 4096x4096 matmuls.
 
-- ``fma loop``: a small C program (``gcc -O3 -mavx2 -mfma -fopenmp``, written and compiled at
-  bench time) runs 12 independent 8-wide float32 FMA chains per thread on ``--threads``
-  threads: the multiply-add ceiling of the cores (AVX2+FMA: 2 FMA units x 8 lanes x 2 FLOP =
-  32 FLOP/cycle/core). Besides wall-clock GFLOP/s it reports FLOP per second of each thread's
-  own CPU time, summed over the threads (``cpu_time_gflops``): what the cores deliver while
-  they run the loop, which other jobs on a shared machine cannot lower. ``--avx512`` builds
-  the loop with ``-mavx512f`` (16 lanes) on a machine that has it.
+- ``fma loop``: a small C program (``gcc -O3 -fopenmp``, written and compiled at bench time)
+  runs 12 independent float32 FMA chains per thread on ``--threads`` threads: the multiply-add
+  ceiling of the cores. ``--isa auto`` (the default) builds it for AVX-512F (``-mavx512f``, 16
+  lanes) where the CPU has it and for AVX2+FMA (8 lanes) elsewhere; ``--isa avx2`` or
+  ``avx512`` forces one. Besides wall-clock GFLOP/s it reports FLOP per second of each
+  thread's own CPU time, summed over the threads (``cpu_time_gflops``): what the cores
+  deliver while they run the loop, which other jobs on a shared machine cannot lower.
 - ``numpy matmul`` and ``tensorflow matmul``: a 4096x4096 float32 product (2 x 4096^3 FLOP)
   with 2 threads (OpenBLAS / Eigen+oneDNN), each in its own process.
 
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=200_000_000,
                         help="FMA loop iterations per thread and repetition")
-    parser.add_argument("--avx512", action="store_true", help="build the loop for AVX-512F")
+    parser.add_argument("--isa", choices=("auto", "avx2", "avx512"), default="auto",
+                        help="instruction set of the FMA loop (auto: AVX-512F where present)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "peak.json"))
     parser.add_argument("--child", choices=("numpy", "tensorflow"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -152,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     t = str(args.threads)
     env = {"OPENBLAS_NUM_THREADS": t, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t,
            "BENCH_THREADS": t}
-    rows = {"fma loop": fma_peak(args.threads, args.avx512, args.iters)}
+    machine = cpu_info()
+    avx512 = machine["flags"]["avx512f"] if args.isa == "auto" else args.isa == "avx512"
+    rows = {"fma loop": fma_peak(args.threads, avx512, args.iters)}
     for lib in ("numpy", "tensorflow"):
         rows[f"{lib} matmul {N}"] = run_child([__file__, "--child", lib, "--repeats",
                                                str(args.repeats)], env=env)
-    machine = cpu_info()
     print(f"{machine['model']}, {machine['cpus']} CPUs, AVX-512F "
           f"{'yes' if machine['flags']['avx512f'] else 'no'}; {args.threads} threads")
     print(f"{'float32 peak':24s} {'median GFLOP/s':>15s} {'best':>8s}")

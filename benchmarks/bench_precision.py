@@ -18,6 +18,9 @@ mixed_bfloat16 runs far slower than float32; the JSON records the CPU flags. Wri
     .venv/bin/python benchmarks/bench_precision.py                      # speed only, ~2 min
     .venv/bin/python benchmarks/bench_precision.py --accuracy-steps 6   # + short check, ~3 min
     .venv/bin/python benchmarks/bench_precision.py --accuracy-steps 40  # longer, ~15 min
+    # with bfloat16 hardware (AVX512_BF16, AMX) a step takes tens of ms, not seconds:
+    .venv/bin/python benchmarks/bench_precision.py --steps 20 --accuracy-steps 600 \
+        --val-images 5000                                               # ~3 min there
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def child(policy: str, batch: int, steps: int, warmup: int, accuracy_steps: int,
     return {**row, "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
+def shown_steps(n: int, most: int = 10) -> list[int]:
+    """Step numbers (1-based) to print of an ``n``-step loss trajectory: all of a short one,
+    ``most`` evenly spaced ones (the last included) of a long one."""
+    if n <= most:
+        return list(range(1, n + 1))
+    return sorted({round(1 + k * (n - 1) / (most - 1)) for k in range(most)})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run each policy in its own process; print the comparison and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         f32, b16 = (rows[p]["train_loss_per_step"] for p in POLICIES)
         gap = max(abs(a - b) for a, b in zip(f32, b16, strict=True))
         print("training loss per step (running mean), float32 vs mixed_bfloat16:")
-        for i, (a, b) in enumerate(zip(f32, b16, strict=True), 1):
-            print(f"  step {i:3d}: {a:.4f}  {b:.4f}  ({b - a:+.4f})")
+        for i in shown_steps(len(f32)):
+            a, b = f32[i - 1], b16[i - 1]
+            print(f"  step {i:4d}: {a:.4f}  {b:.4f}  ({b - a:+.4f})")
         print(f"largest gap {gap:.4f}")
     write_json(Path(args.out), {
         "benchmark": "mixed_bfloat16 vs float32", "date": now(), "machine": cpu_info(),

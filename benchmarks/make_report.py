@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from bench_precision import shown_steps
 from common import REPO, RESULTS_DIR, TRAIN_GFLOP_PER_IMAGE
 
 DOC = REPO / "docs" / "performance.md"
@@ -110,6 +111,81 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("holds" if ok else "**missed**")
 
 
+def onednn_is_default(flags: dict) -> bool:
+    """TensorFlow 2.21 switches its oneDNN kernels on by itself on x86 CPUs with AVX-512 VNNI,
+    AVX512_BF16 or AMX (it prints "oneDNN custom operations are on")."""
+    return any(flags.get(f) for f in ("avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"))
+
+
+def machine_sentence(flags: dict) -> str:
+    """What the measured SIMD flags mean for the figures (the machines of this workplace vary:
+    the same "AMD EPYC" name has come with and without AVX-512)."""
+    if flags.get("avx512f"):
+        bf16 = ("bfloat16 dot products (AVX512_BF16)" if flags.get("avx512_bf16")
+                else "no bfloat16 dot-product instructions")
+        return ("This machine has **AVX-512** (16 float32 lanes per FMA) and " + bf16
+                + "; TensorFlow 2.21 turns its oneDNN kernels on by default on such a CPU "
+                "(\"oneDNN custom operations are on\"). The issue's baselines were measured "
+                "on a machine of this kind.")
+    return ("This machine has **no AVX-512 and no bfloat16 hardware** (no AVX512_BF16, no AMX): "
+            "its widest float32 instruction is the 8-lane AVX2 FMA, and TensorFlow keeps its "
+            "oneDNN kernels off by default. The issue's baselines were measured on an AVX-512 "
+            "BF16 machine, so absolute figures and the bfloat16 target do not carry over.")
+
+
+def summary(folder) -> dict[str, str]:
+    """The headline figures of one set of result files (the current one or a history folder)."""
+    def get(name: str) -> dict | None:
+        path = folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    speed, lsuv, zca, ev, run = (get(n) for n in ("speed", "lsuv", "zca", "eval", "run_all"))
+    rows = speed_rows(speed)
+    machine = (speed or {}).get("machine", {})
+    flags = machine.get("flags", {})
+
+    def ips(impl: str, mode: str, batch: int) -> str:
+        r = rows.get((impl, mode, batch))
+        return f"{r['images_per_s']:.1f}" if r else "-"
+
+    simd = ("AVX-512" + (" + BF16" if flags.get("avx512_bf16") else "")
+            if flags.get("avx512f") else "AVX2+FMA" if flags.get("avx2") else "?")
+    return {
+        "date": (speed or {}).get("date", "?")[:10],
+        "machine": f"{machine.get('model', '?')}, {machine.get('cpus', '?')} CPUs, {simd}",
+        "ours / torch train b128": f"{ips('ours', 'train', 128)} / "
+                                   f"{ips('torch-loop', 'train', 128)}",
+        "ours / torch inference b256": f"{ips('ours', 'infer', 256)} / "
+                                       f"{ips('torch-loop', 'infer', 256)}",
+        "Keras-JAX train b128": ips("keras-jax", "train", 128),
+        "LSUV s": f"{lsuv['median_seconds']['lsuv']:.2f}" if lsuv else "-",
+        "ZCA fit s": (f"{min(r['median_wall_s'] for r in zca['fit']):.2f}" if zca else "-"),
+        "evaluation s": f"{ev['median_s']:.1f}" if ev else "-",
+        "make bench min": f"{run['seconds'] / 60:.1f}" if run else "-",
+    }
+
+
+def history_section() -> list[str]:
+    """A table of the headline figures on this machine and on the earlier machines whose
+    result files were kept under ``benchmarks/results/history/<date>_<machine>/``."""
+    folders = sorted(p for p in (RESULTS_DIR / "history").glob("*") if p.is_dir())
+    if not folders:
+        return []
+    columns = [("this page", RESULTS_DIR)] + [(f.name, f) for f in reversed(folders)]
+    sums = [(name, summary(folder)) for name, folder in columns]
+    out = ["## Other machines\n",
+           "The machines of this workplace vary from session to session under the same CPU "
+           "name. Each earlier `make bench` is kept with its result files under "
+           "`benchmarks/results/history/`; these are their headline figures (images/s, "
+           "seconds, minutes), regenerated from those files.\n",
+           "| | " + " | ".join(name for name, _ in sums) + " |",
+           "|---|" + "---|" * len(sums)]
+    for key in sums[0][1]:
+        out.append(f"| {key} | " + " | ".join(s[key] for _, s in sums) + " |")
+    out.append("")
+    return out
+
+
 def main() -> int:
     """Write the document (and the plot) from the JSON results."""
     peak, speed, prec = load("peak"), load("speed"), load("precision")
@@ -143,10 +219,7 @@ def main() -> int:
         w(f"| last `make bench` | {run['date']}, {run['seconds'] / 60:.1f} min wall "
           f"(load {load_avg(run)}) |")
     w("")
-    w("This machine has **no AVX-512 and no bfloat16 hardware** (no AVX512_BF16, no AMX): its "
-      "widest float32 instruction is the 8-lane AVX2 FMA. The issue's baselines were measured "
-      "on an AVX-512 BF16 machine, so absolute figures and the bfloat16 target do not carry "
-      "over.\n")
+    w(machine_sentence(flags) + "\n")
 
     w("## Float32 peak\n")
     if peak:
@@ -162,9 +235,10 @@ def main() -> int:
               f"**{peak['rows']['fma loop']['cpu_time_gflops']:.1f}** | summed over the "
               "threads: the cores' own rate, which other jobs cannot lower |")
         w("")
+        lanes = 16 if peak["rows"].get("fma loop", {}).get("isa") == "AVX-512F" else 8
         w(f"The fractions below divide by **{fma:.0f} GFLOP/s**, the FMA loop's rate per "
           "second of CPU time (wall-clock figures fall with the load; this one does not). "
-          "That is 2 cores x 2 FMA units x 8 lanes x 2 FLOP x the clock.\n")
+          f"That is 2 cores x 2 FMA units x {lanes} lanes x 2 FLOP x the clock.\n")
         w(f"One All-CNN-C training image costs {TRAIN_GFLOP_PER_IMAGE} GFLOP (0.271 GMAC "
           "forward, x2 FLOP/MAC, x3 for forward + two backward products), so the multiply-add "
           f"peak is worth {fma / TRAIN_GFLOP_PER_IMAGE:.0f} training images/s.\n")
@@ -194,6 +268,22 @@ def main() -> int:
     else:
         w("not measured\n")
 
+    prof = load("profile")
+    w("## Profile of a training step\n")
+    if prof:
+        w(f"`benchmarks/profile_step.py`: All-CNN-C, batch {prof['batch_size']}, the same "
+          "random batch, median of 20 steps per stage, each stage adding one part of the "
+          f"step; {prof['date']}, load {load_avg(prof)}. GFLOP per image: "
+          "0.542 forward, 1.62 for a training step.\n")
+        w("| stage | images/s | GFLOP/s | % of FMA peak |\n|---|---:|---:|---:|")
+        for r in prof["rows"]:
+            frac = r.get("fraction_of_peak")
+            w(f"| {r['stage']} | {r['images_per_s']:.1f} | {r['gflops']:.0f} | "
+              f"{'-' if frac is None else f'{100 * frac:.0f}%'} |")
+        w("")
+    else:
+        w("not measured\n")
+
     w("## mixed_bfloat16 against float32\n")
     if prec:
         w(f"Our training path, batch {prec['rows']['float32']['batch_size']}, each policy in "
@@ -210,13 +300,20 @@ def main() -> int:
         if prec.get("train_loss_max_gap") is not None:
             f32 = prec["rows"]["float32"]["train_loss_per_step"]
             b16 = prec["rows"]["mixed_bfloat16"]["train_loss_per_step"]
+            shown = shown_steps(len(f32))
             w(f"Accuracy check: both policies trained {len(f32)} steps from the same initial "
-              "weights on the same batches. Training loss (Keras' running mean) per step, "
-              "float32 / mixed_bfloat16: "
-              + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(f32, b16, strict=True))
-              + f"; largest gap **{prec['train_loss_max_gap']:.4f}**. After so few steps the "
-              "network is still near chance, so the loss gap is the sensitive figure; the "
-              "validation accuracy only shows that neither policy diverged.\n")
+              "weights on the same batches. Training loss (Keras' running mean) "
+              + ("per step" if len(shown) == len(f32) else "at steps "
+                 + ", ".join(map(str, shown)))
+              + ", float32 / mixed_bfloat16: "
+              + ", ".join(f"{f32[i - 1]:.3f} / {b16[i - 1]:.3f}" for i in shown)
+              + f"; largest gap over all steps **{prec['train_loss_max_gap']:.4f}**. "
+              + ("After so few steps the network is still near chance, so the loss gap is the "
+                 "sensitive figure; the validation accuracy only shows that neither policy "
+                 "diverged.\n" if len(f32) < 100 else
+                 "The two runs see the same data in the same order; their validation "
+                 "accuracies differ by rounding alone (bfloat16 keeps 8 bits of mantissa), "
+                 "which is the accuracy this check is about.\n"))
     else:
         w("not measured\n")
 
@@ -257,6 +354,8 @@ def main() -> int:
     w("| target | measured | verdict |\n|---|---|---|")
     t = []
     o128, p128 = rows.get(("ours", "train", 128)), rows.get(("torch-loop", "train", 128))
+    onednn_default = ("TensorFlow's default on this CPU" if onednn_is_default(flags)
+                      else "not the default here")
     if o128 and p128:
         x = o128["images_per_s"] / p128["images_per_s"]
         t.append(("our training path (augmentation, fp32, batch 128) >= 1.1x plain PyTorch "
@@ -265,7 +364,7 @@ def main() -> int:
     n128 = rows.get(("ours-onednn", "train", 128))
     if n128 and p128:
         x = n128["images_per_s"] / p128["images_per_s"]
-        t.append(("the same with TF_ENABLE_ONEDNN_OPTS=1 (not the default here)",
+        t.append((f"the same with TF_ENABLE_ONEDNN_OPTS=1 ({onednn_default})",
                   f"{x:.2f}x ({n128['images_per_s']:.1f} vs {p128['images_per_s']:.1f} img/s)",
                   x >= 1.1))
     if o128 and fma:
@@ -294,7 +393,7 @@ def main() -> int:
     ni = rows.get(("ours-onednn", "infer", 256))
     if ni and pi:
         x = ni["images_per_s"] / pi["images_per_s"]
-        t.append(("the same with TF_ENABLE_ONEDNN_OPTS=1 (not the default here)",
+        t.append((f"the same with TF_ENABLE_ONEDNN_OPTS=1 ({onednn_default})",
                   f"{x:.2f}x ({ni['images_per_s']:.0f} vs {pi['images_per_s']:.0f} img/s)",
                   x >= 1.1))
     if lsuv:
@@ -317,13 +416,13 @@ def main() -> int:
     for name, value, ok in t:
         w(f"| {name} | {value} | {verdict(ok)} |")
     w("")
+    out.extend(history_section())
     notes = REPO / "benchmarks" / "notes.md"
     if notes.exists():
         w(notes.read_text().strip() + "\n")
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(out))
-    print(f"wrote {DOC.relative_to(REPO)}" + (f" and {PLOT.relative_to(REPO)}"
-                                             if PLOT.exists() else ""))
+    print(f"wrote {DOC}" + (f" and {PLOT}" if PLOT.exists() else ""))
     return 0
 
 
