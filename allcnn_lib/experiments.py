@@ -211,3 +211,53 @@ def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window:
     fig.suptitle(f"{title}: mean over seeds, band = +-1 std")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- dead channels
+
+
+def dead_channels(model, images: np.ndarray) -> dict[str, float]:
+    """For each ReLU of ``model`` (a ``ReLU`` layer, or a conv with a ReLU activation; forward
+    order), the fraction of its channels that output zero for every one of ``images``
+    (inference mode): channels that can no longer pass a signal or a gradient. When every
+    channel of the ReLU after the last 1x1 conv (the class scores, ReLU in the paper) is dead,
+    the network outputs the same probabilities for every image."""
+    import keras
+
+    relus = [layer for layer in model.layers if isinstance(layer, keras.layers.ReLU)
+             or (isinstance(layer, keras.layers.Conv2D)
+                 and getattr(layer, "activation", None) is keras.activations.relu)]
+    if not relus:
+        return {}
+    probe = keras.Model(model.inputs, [layer.output for layer in relus])
+    outputs = probe(np.asarray(images, dtype="float32"), training=False)
+    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+    channel_axes = tuple(range(len(outputs[0].shape) - 1))
+    return {layer.name: float(np.mean(np.max(keras.ops.convert_to_numpy(out),
+                                             axis=channel_axes) <= 0.0))
+            for layer, out in zip(relus, outputs, strict=True)}
+
+
+def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init: str =
+                  "glorot_uniform", steps: int = 300, seed: int = 0, batch_size: int = BATCH_SIZE):
+    """All-CNN-C (paper variant) trained ``steps`` batches with the recipe's pipeline (shifts,
+    flips, dropout, L2 5e-4), ``optimizer`` at its default learning rate (constant: the
+    recipe's decay is negligible over a few hundred steps) and ``init`` (``"lsuv"``: orthogonal,
+    then LSUV on the first batch). For looking inside a run of the grid, which keeps no weights.
+    Returns ``(model, final training loss)``."""
+    import keras
+
+    from allcnn_lib.initializers import lsuv
+    from allcnn_lib.models import build_model
+    from allcnn_lib.training import make_dataset, make_optimizer, seed_everything
+
+    seed_everything(seed)
+    model = build_model("allcnn", initializer="orthogonal" if init == "lsuv" else init)
+    dataset = make_dataset(x, y, batch_size, training=True, augment=True, seed=seed)
+    if init == "lsuv":
+        first_images = next(iter(dataset))[0]
+        lsuv(model, keras.ops.convert_to_numpy(first_images), seed=seed)
+    model.compile(optimizer=make_optimizer(optimizer),
+                  loss=keras.losses.SparseCategoricalCrossentropy())
+    history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, verbose=0)
+    return model, float(history.history["loss"][-1])

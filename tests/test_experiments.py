@@ -128,3 +128,33 @@ def test_runner_refuses_the_sample_and_runs_one_tiny_configuration(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(ex.RESULT_FILES)
     assert ex.is_complete(out)
     assert "1 of 4 runs done" in _runner(*common, "--list", cwd=tmp_path).stdout
+
+
+def test_dead_channels_counts_channels_that_never_fire():
+    import numpy as np
+
+    from allcnn_lib.models import build_model
+
+    model = build_model("allcnn")
+    images = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
+    fresh = ex.dead_channels(model, images)
+    assert list(fresh) == [f"relu{i}" for i in range(1, 10)]
+    assert fresh["relu1"] < 0.5
+    conv9 = model.get_layer("conv9")
+    conv9.bias.assign(np.full(conv9.bias.shape, -1e6, dtype="float32"))  # no channel can fire
+    assert ex.dead_channels(model, images)["relu9"] == 1.0
+    half = np.zeros(conv9.bias.shape, dtype="float32")
+    half[:5] = -1e6
+    conv9.bias.assign(half)
+    assert ex.dead_channels(model, images)["relu9"] <= 0.5
+
+
+def test_train_briefly_runs_the_recipe_and_lsuv():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 64)
+    for init in ("glorot_uniform", "lsuv"):
+        model, loss = ex.train_briefly(x, y, optimizer="rmsprop", init=init, steps=2)
+        assert math.isfinite(loss) and model.count_params() == 1_369_738
