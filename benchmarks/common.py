@@ -110,3 +110,12 @@ def run_child(argv: Sequence[str], env: dict[str, str] | None = None,
         tail = (proc.stderr or proc.stdout)[-2000:]
         raise RuntimeError(f"{' '.join(argv)} failed (rc {proc.returncode}):\n{tail}")
     return [json.loads(ln) for ln in lines] if all_rows else json.loads(lines[-1])
+
+
+def fma_peak(peak: dict | None) -> float | None:
+    """The multiply-add ceiling in GFLOP/s: the loop's rate per second of CPU time (which
+    other jobs cannot lower), else its best wall-clock repetition."""
+    if not peak or "fma loop" not in peak["rows"]:
+        return None
+    r = peak["rows"]["fma loop"]
+    return r.get("cpu_time_gflops", r["best_gflops"])

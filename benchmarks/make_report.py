@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from bench_precision import shown_steps
-from common import REPO, RESULTS_DIR, TRAIN_GFLOP_PER_IMAGE
+from common import REPO, RESULTS_DIR, TRAIN_GFLOP_PER_IMAGE, fma_peak
 
 DOC = REPO / "docs" / "performance.md"
 PLOT = REPO / "docs" / "performance.png"
@@ -25,9 +26,9 @@ IMPL_NAMES = {
 }
 
 
-def load(name: str) -> dict | None:
-    """The JSON result ``name`` or None when it has not been measured."""
-    path = RESULTS_DIR / f"{name}.json"
+def load(name: str, folder: Path = RESULTS_DIR) -> dict | None:
+    """The JSON result ``name`` (in ``folder``) or None when it has not been measured."""
+    path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -50,15 +51,6 @@ def cell(r: dict | None) -> str:
         return "not measured"
     return (f"**{r['images_per_s']:.1f}** ({r['min_step_s']:.2f}-{r['max_step_s']:.2f} s, "
             f"IQR {r['q1_step_s']:.2f}-{r['q3_step_s']:.2f})")
-
-
-def fma_peak(peak: dict | None) -> float | None:
-    """The multiply-add ceiling in GFLOP/s: the loop's rate per second of CPU time (which
-    other jobs cannot lower), else its best wall-clock repetition."""
-    if not peak or "fma loop" not in peak["rows"]:
-        return None
-    r = peak["rows"]["fma loop"]
-    return r.get("cpu_time_gflops", r["best_gflops"])
 
 
 def plot(speed: dict | None, peak: dict | None) -> bool:
@@ -133,13 +125,10 @@ def machine_sentence(flags: dict) -> str:
             "BF16 machine, so absolute figures and the bfloat16 target do not carry over.")
 
 
-def summary(folder) -> dict[str, str]:
+def summary(folder: Path) -> dict[str, str]:
     """The headline figures of one set of result files (the current one or a history folder)."""
-    def get(name: str) -> dict | None:
-        path = folder / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    speed, lsuv, zca, ev, run = (get(n) for n in ("speed", "lsuv", "zca", "eval", "run_all"))
+    speed, lsuv, zca, ev, run = (load(n, folder) for n in
+                                 ("speed", "lsuv", "zca", "eval", "run_all"))
     rows = speed_rows(speed)
     machine = (speed or {}).get("machine", {})
     flags = machine.get("flags", {})

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     TRAIN_GFLOP_PER_IMAGE,
     cpu_info,
+    fma_peak,
     now,
     spread,
     step_times,
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
               ("train_on_batch (whole Keras step)",
                lambda: paper.train_on_batch(x, y), TRAIN_GFLOP_PER_IMAGE)]
     peak_file = RESULTS_DIR / "peak.json"
-    peak = None
-    if peak_file.exists():
-        fma = json.loads(peak_file.read_text())["rows"].get("fma loop", {})
-        peak = fma.get("cpu_time_gflops", fma.get("best_gflops"))
+    peak = fma_peak(json.loads(peak_file.read_text()) if peak_file.exists() else None)
     load_before, rows = os.getloadavg(), []
     print(f"All-CNN-C, batch {args.batch}, median of {args.steps} steps; FMA peak "
           f"{peak or float('nan'):.0f} GFLOP/s")
