@@ -242,21 +242,24 @@ def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init:
                   "glorot_uniform", steps: int = 300, seed: int = 0, batch_size: int = BATCH_SIZE):
     """All-CNN-C (paper variant) trained ``steps`` batches with the recipe's pipeline (shifts,
     flips, dropout, L2 5e-4), ``optimizer`` at its default learning rate (constant: the
-    recipe's decay is negligible over a few hundred steps) and ``init`` (``"lsuv"``: orthogonal,
-    then LSUV on the first batch). For looking inside a run of the grid, which keeps no weights.
-    Returns ``(model, final training loss)``."""
+    recipe's decay is negligible over a few hundred steps) and ``init``, set up as ``train``
+    does it (``training.finish_initialization``). For looking inside a run of the grid, which
+    keeps no weights. Returns ``(model, final training loss)``."""
     import keras
 
-    from allcnn_lib.initializers import lsuv
     from allcnn_lib.models import build_model
-    from allcnn_lib.training import make_dataset, make_optimizer, seed_everything
+    from allcnn_lib.training import (
+        base_initializer,
+        finish_initialization,
+        make_dataset,
+        make_optimizer,
+        seed_everything,
+    )
 
     seed_everything(seed)
-    model = build_model("allcnn", initializer="orthogonal" if init == "lsuv" else init)
+    model = build_model("allcnn", initializer=base_initializer(init))
+    finish_initialization(model, init, x, seed=seed)
     dataset = make_dataset(x, y, batch_size, training=True, augment=True, seed=seed)
-    if init == "lsuv":
-        first_images = next(iter(dataset))[0]
-        lsuv(model, keras.ops.convert_to_numpy(first_images), seed=seed)
     model.compile(optimizer=make_optimizer(optimizer),
                   loss=keras.losses.SparseCategoricalCrossentropy())
     history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, verbose=0)

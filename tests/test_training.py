@@ -23,7 +23,9 @@ from allcnn_lib.training import (
     TrainConfig,
     atomic_write_text,
     backup_epoch,
+    base_initializer,
     current_learning_rate,
+    finish_initialization,
     format_epoch_line,
     make_dataset,
     make_optimizer,
@@ -232,6 +234,63 @@ def test_make_dataset_drop_remainder_and_one_hot(cifar_sample):
     labels = batches[0][1]
     assert labels.shape == (32, 10)
     np.testing.assert_array_equal(labels.sum(axis=1), 1)
+
+
+# --------------------------------------------------------------------------- initialization
+
+
+def test_base_initializer_starts_lsuv_from_orthogonal():
+    assert base_initializer("lsuv") == "orthogonal"
+    for name in ("glorot_uniform", "glorot_normal", "he_uniform", "gaussian"):
+        assert base_initializer(name) == name
+
+
+def _conv_output_variances(model: keras.Model, images: np.ndarray) -> list[float]:
+    from allcnn_lib.models import conv_layers
+
+    layers = conv_layers(model)
+    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    return [float(np.var(keras.ops.convert_to_numpy(out)))
+            for out in probe([images], training=False)]
+
+
+def test_finish_initialization_runs_lsuv_for_lsuv_only():
+    from allcnn_lib.models import build_model
+
+    x = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    keras.utils.set_random_seed(0)
+    glorot = build_model("allcnn", initializer=base_initializer("glorot_uniform"))
+    before = [w.copy() for w in glorot.get_weights()]
+    assert finish_initialization(glorot, "glorot_uniform", x) is glorot
+    assert all(np.array_equal(a, b) for a, b in zip(before, glorot.get_weights(), strict=True))
+    assert max(abs(v - 1.0) for v in _conv_output_variances(glorot, x / 255.0)) > 0.5
+
+    lsuv_models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(0)
+        model = build_model("allcnn", initializer=base_initializer("lsuv"))
+        lsuv_models.append(finish_initialization(model, "lsuv", x, seed=3))
+    # all 48 images (fewer than LSUV_IMAGES) through /255: every conv output has unit variance
+    variances = _conv_output_variances(lsuv_models[0], (x / 255.0).astype("float32"))
+    assert all(abs(v - 1.0) < 0.1 for v in variances), variances
+    for a, b in zip(lsuv_models[0].get_weights(), lsuv_models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_sets_up_lsuv_through_finish_initialization(cifar_sample, tmp_path, monkeypatch):
+    calls = []
+    original = training.finish_initialization
+
+    def spy(model, init, x_train, **kwargs):
+        calls.append((init, len(x_train), kwargs["seed"]))
+        return original(model, init, x_train, **kwargs)
+
+    monkeypatch.setattr(training, "finish_initialization", spy)
+    config = TrainConfig(run_id="lsuv", arch="strided", init="lsuv", epochs=1, steps_per_epoch=2,
+                         batch_size=16, seed=5, runs_dir=str(tmp_path / "runs"), verbose=False)
+    result = training.train(config, data=cifar_sample)
+    assert calls == [("lsuv", len(cifar_sample.x_train), 5)]
+    assert result.history["loss"] and np.isfinite(result.history["loss"][-1])
 
 
 # --------------------------------------------------------------------------- atomic files
