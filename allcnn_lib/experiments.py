@@ -230,7 +230,7 @@ def dead_channels(model, images: np.ndarray) -> dict[str, float]:
     if not relus:
         return {}
     probe = keras.Model(model.inputs, [layer.output for layer in relus])
-    outputs = probe(np.asarray(images, dtype="float32"), training=False)
+    outputs = probe([np.asarray(images, dtype="float32")], training=False)
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     channel_axes = tuple(range(len(outputs[0].shape) - 1))
     return {layer.name: float(np.mean(np.max(keras.ops.convert_to_numpy(out),
@@ -262,5 +262,7 @@ def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init:
     dataset = make_dataset(x, y, batch_size, training=True, augment=True, seed=seed)
     model.compile(optimizer=make_optimizer(optimizer),
                   loss=keras.losses.SparseCategoricalCrossentropy())
-    history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, verbose=0)
+    # shuffle=False: the dataset shuffles itself (Keras would warn that it ignores shuffle)
+    history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, shuffle=False,
+                        verbose=0)
     return model, float(history.history["loss"][-1])

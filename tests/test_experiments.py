@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,9 @@ def test_dead_channels_counts_channels_that_never_fire():
 
     model = build_model("allcnn")
     images = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
-    fresh = ex.dead_channels(model, images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the notebook shows its output: no Keras warning in it
+        fresh = ex.dead_channels(model, images)
     assert list(fresh) == [f"relu{i}" for i in range(1, 10)]
     assert fresh["relu1"] < 0.5
     conv9 = model.get_layer("conv9")
@@ -156,5 +159,7 @@ def test_train_briefly_runs_the_recipe_and_lsuv():
     x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, 64)
     for init in ("glorot_uniform", "lsuv"):
-        model, loss = ex.train_briefly(x, y, optimizer="rmsprop", init=init, steps=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            model, loss = ex.train_briefly(x, y, optimizer="rmsprop", init=init, steps=2)
         assert math.isfinite(loss) and model.count_params() == 1_369_738
