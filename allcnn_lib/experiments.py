@@ -190,12 +190,15 @@ def summary_table(epochs, keys: Sequence[str] | None = None):
 
 def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window: int = 100):
     """Three panels: smoothed training loss and accuracy per batch, and validation accuracy,
-    each the mean over seeds with a band of +- one standard deviation (seaborn)."""
+    each the mean over seeds with a band of +- one standard deviation (seaborn). The training
+    curves start at the first full window: a mean of fewer batches (one, at the start) swings
+    far more than the label "mean of ``window`` batches" lets a reader expect."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     b = smooth_per_run(batches[batches["config"].isin(keys)], "loss", window)
     b = smooth_per_run(b, "accuracy", window)
+    b = b[b["step"] >= window - 1]
     e = epochs[epochs["config"].isin(keys)]
     order = [CONFIGS[k].label for k in keys if k in set(b["config"])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

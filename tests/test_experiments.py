@@ -103,6 +103,9 @@ def test_results_summary_and_plot(tmp_path):
                              window=2)
     assert len(fig.axes) == 3
     assert fig.axes[2].get_ylabel() == "validation accuracy"
+    first_steps = [line.get_xdata().min() for ax in fig.axes[:2] for line in ax.lines
+                   if len(line.get_xdata())]
+    assert first_steps and min(first_steps) == 1  # window 2: from the first full window on
     assert all("batches" in ax.get_xlabel() for ax in fig.axes)
     import matplotlib.pyplot as plt
 
