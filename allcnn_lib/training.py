@@ -836,10 +836,9 @@ def finish_initialization(model: keras.Model, init: str, x_train: np.ndarray, *,
         return model
     from allcnn_lib.initializers import lsuv
 
-    batch = next(iter(make_dataset(x_train, None, images, training=True, seed=seed,
-                                   preprocess=preprocess)))
-    batch = batch[0] if isinstance(batch, tuple) else batch
-    lsuv(model, keras.ops.convert_to_numpy(batch), seed=seed)
+    # Without labels, make_dataset yields bare image batches; lsuv takes the tensor as it is.
+    lsuv(model, next(iter(make_dataset(x_train, None, images, training=True, seed=seed,
+                                       preprocess=preprocess))), seed=seed)
     return model
 
 
