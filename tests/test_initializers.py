@@ -32,6 +32,7 @@ from allcnn_lib.initializers import (
     uniform_limit,
 )
 from allcnn_lib.models import all_cnn_c, conv_layers
+from allcnn_lib.signal_propagation import activation_stats
 
 REPO = Path(__file__).resolve().parent.parent
 TOL_VAR = 0.1
@@ -58,11 +59,9 @@ def batches(cifar_sample):
 
 
 def output_variances(model: keras.Model, layers, batch: np.ndarray) -> dict[str, float]:
-    """Variance of each layer's own output on ``batch`` (inference mode), from one probe."""
-    probe = keras.Model(model.inputs, [layer.output for layer in layers])
-    outs = probe([batch], training=False)
-    return {layer.name: float(np.var(keras.ops.convert_to_numpy(y), dtype=np.float64))
-            for layer, y in zip(layers, outs, strict=True)}
+    """Variance of each layer's own output on ``batch`` (inference mode), from one probe:
+    ``signal_propagation.activation_stats`` (float64 std), squared."""
+    return {name: std**2 for name, std in activation_stats(model, batch, layers).items()}
 
 
 def kernel_of(layer) -> np.ndarray:

@@ -247,11 +247,9 @@ def test_base_initializer_starts_lsuv_from_orthogonal():
 
 def _conv_output_variances(model: keras.Model, images: np.ndarray) -> list[float]:
     from allcnn_lib.models import conv_layers
+    from allcnn_lib.signal_propagation import activation_stats
 
-    layers = conv_layers(model)
-    probe = keras.Model(model.inputs, [layer.output for layer in layers])
-    return [float(np.var(keras.ops.convert_to_numpy(out)))
-            for out in probe([images], training=False)]
+    return [std**2 for std in activation_stats(model, images, conv_layers(model)).values()]
 
 
 def test_finish_initialization_runs_lsuv_for_lsuv_only():
