@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from allcnn_lib.data import CIFAR10Error, load_cifar10
+from allcnn_lib.recipes import RECIPES, cpu_has_bf16
 
 PROG = "allcnn"
 COMMANDS = ("train", "evaluate", "plot")
@@ -38,7 +39,7 @@ VARIANTS = ("paper", "seed")
 INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
                 "orthogonal", "lsuv")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("paper", "cosine", "constant", "seed")
+SCHEDULES = ("paper", "cosine", "constant", "seed", "onecycle")
 
 
 class CLIError(Exception):
@@ -67,7 +68,8 @@ def _positive_int(text: str) -> int:
 #: Network defaults of ``allcnn train``. The parser's defaults are None, so that ``-train 0``
 #: (evaluate) can tell a flag that was given from one that was not and let the run's
 #: config.json decide the rest.
-MODEL_DEFAULTS = {"arch": "allcnn", "variant": "paper", "batch_norm": False, "dropout": True}
+MODEL_DEFAULTS = {"arch": "allcnn", "variant": "paper", "batch_norm": False, "dropout": True,
+                  "class_relu": True}
 
 
 def _model_options(p: argparse.ArgumentParser, *, training: bool) -> None:
@@ -87,6 +89,9 @@ def _model_options(p: argparse.ArgumentParser, *, training: bool) -> None:
     p.add_argument("-dropout", "--dropout", type=_bool, nargs="?", const=True, metavar="0/1",
                    help="dropout 0.2 on the input and 0.5 after downsampling (seed: -dropout)"
                         + (default % "1" if training else ""))
+    p.add_argument("--class-relu", type=_bool, nargs="?", const=True, metavar="0/1",
+                   help="the ReLU after conv9, the class-score conv (Table 1 has it)"
+                        + (default % "1" if training else ""))
 
 
 def _network(args: argparse.Namespace) -> dict[str, object]:
@@ -102,6 +107,29 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", dest="jupyter_file", metavar="FILE",
                    help="ignored: the seed parsed sys.argv inside Jupyter, whose kernel passes "
                         "-f KERNEL.json; accepted so that such calls still work")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _tta_options(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    where = "evaluation" if evaluate else "the final validation"
+    default = "from config.json beside the weights, else off" if evaluate else "off"
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction,
+                   default=None if evaluate else False,
+                   help=f"test-time augmentation in {where}: average the predictions of each "
+                        f"image and its horizontal mirror (default: {default})")
+    p.add_argument("--tta-shift", type=_non_negative_int, metavar="PX",
+                   default=None if evaluate else 0,
+                   help=f"test-time augmentation in {where}: also average the views translated "
+                        f"by (PX, PX) and (-PX, -PX) with reflected borders (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run name: the folder runs/<ID>/ (default: from arch, init, "
                         "optimizer and seed)")
     _model_options(t, training=True)
+    t.add_argument("--recipe", choices=tuple(RECIPES),
+                   help="a preset of the flags below: fast = batch norm, no dropout, one-cycle "
+                        "Nesterov SGD at batch 512, label smoothing 0.2, reflect-padded 4 px "
+                        "translations and flips, standardization, patch-whitened conv1, EMA, "
+                        "test-time flips and 1 px translations, bfloat16 where the CPU has "
+                        "AVX512_BF16, 40 epochs; flags given explicitly override it")
     t.add_argument("-init", "--init", choices=INITIALIZERS, default="glorot_uniform",
                    help="weight initializer; lsuv = orthogonal + LSUV (default: glorot_uniform)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
@@ -135,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULES, default="paper",
                    help="learning-rate schedule: paper (x0.1 at 200/250/300 of 350 epochs, "
                         "scaled), cosine (warm-up + cosine), constant, seed (Keras-2 "
-                        "decay=1e-6) (default: paper)")
+                        "decay=1e-6), onecycle (linear up over 20%% of the steps, then "
+                        "linear down to 0) (default: paper)")
     t.add_argument("-epochs", "--epochs", type=_positive_int, default=350,
                    help="epochs (default: 350, the paper's)")
     t.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
@@ -146,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
                    default=128, help="batch size (default: 128)")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random shifts of up to 10%% and horizontal flips (default: on)")
+    t.add_argument("--max-shift", type=_non_negative_int, metavar="PX",
+                   help="largest translation in pixels (default: 10%% of the side, 3 px)")
+    t.add_argument("--shift-fill", choices=("zero", "reflect"), default="zero",
+                   help="border of a translated image: zeros, or the image mirrored at its "
+                        "edge (= a random crop of the reflect-padded image) (default: zero)")
+    t.add_argument("--whiten-init", action=argparse.BooleanOptionalAction, default=False,
+                   help="initialize conv1 with ZCA whitening filters fitted on 3x3 training "
+                        "patches (default: off)")
+    t.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep an exponential moving average of the weights (momentum 0.99), "
+                        "validate with it and end with it, batch norm re-estimated "
+                        "(default: off)")
+    t.add_argument("--train-on", choices=("split", "all"), default="split",
+                   help="split: 45,000 training + 5,000 validation images; all: train on all "
+                        "50,000, no validation, the last epoch is the result (default: split)")
+    _tta_options(t)
     t.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
                    help="standardize each channel with the training split's mean and std "
                         "(default: off; not with --zca)")
@@ -163,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backup-dir",
                    help="BackupAndRestore folder for resuming "
                         "(default: ~/.cache/allcnn/backup/<id>)")
-    t.add_argument("--mixed-precision", action="store_true",
-                   help="train under the mixed_bfloat16 policy")
+    t.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False,
+                   help="train under the mixed_bfloat16 policy (needs a CPU with AVX512_BF16, "
+                        "or a GPU)")
     t.add_argument("--distribute", choices=("none", "mirrored"), default="none",
                    help="mirrored: tf.distribute.MirroredStrategy over all GPUs (or logical "
                         "CPU devices)")
@@ -192,9 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(e, training=False)
     e.add_argument("-batchsize", "--batch-size", dest="batch_size", type=_positive_int,
                    default=256, help="batch size (default 256)")
-    e.add_argument("--tta-flip", action="store_true",
-                   help="test-time augmentation: average the predictions of each image and "
-                        "its horizontal mirror (default: off)")
+    _tta_options(e, evaluate=True)
     e.add_argument("--out", metavar="PATH",
                    help="confusion-matrix PNG (default: confusion_matrix.png beside the weights)")
     _data_options(e)
@@ -206,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/<id>")
     p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
     p.set_defaults(func=cmd_plot)
+    parser.subcommands = {"train": t, "evaluate": e, "plot": p}
     return parser
 
 
@@ -293,8 +344,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError("-train 0 needs -weightspath PATH (or -id ID of a run)")
         eval_args = argparse.Namespace(
             weights=str(weights), arch=args.arch, variant=args.variant,
-            batch_norm=args.batch_norm, dropout=args.dropout, batch_size=args.batch_size,
-            out=None, data_dir=args.data_dir, limit=args.limit, jupyter_file=None)
+            batch_norm=args.batch_norm, dropout=args.dropout, class_relu=args.class_relu,
+            batch_size=args.batch_size, tta_flip=None, tta_shift=None, out=None,
+            data_dir=args.data_dir, limit=args.limit, jupyter_file=None)
         return cmd_evaluate(eval_args)
     initial = None
     if args.retrain:
@@ -306,7 +358,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         initial = str(initial)
     if args.normalize and args.zca:
         raise CLIError("--normalize and --zca are two preprocessings: choose one")
-    data = load_cifar10(args.data_dir, limit=args.limit, seed=args.seed)
+    mixed_precision = _resolve_mixed_precision(args.mixed_precision)
+    data = load_cifar10(args.data_dir, limit=args.limit, seed=args.seed,
+                        validation_size=0 if args.train_on == "all" else None)
 
     _import_tensorflow_quietly()
     from allcnn_lib.training import TrainConfig, train
@@ -318,9 +372,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment, normalize=args.normalize, zca=args.zca,
         zca_epsilon=args.zca_epsilon, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, limit=args.limit, seed=args.seed,
-        mixed_precision=args.mixed_precision, distribute=args.distribute,
+        mixed_precision=mixed_precision, distribute=args.distribute,
         data_dir=args.data_dir, runs_dir=args.runs_dir, backup_dir=args.backup_dir,
-        verbose=True if args.verbose else None, initial_weights=initial)
+        verbose=True if args.verbose else None, initial_weights=initial,
+        **({} if args.max_shift is None else {"max_shift": args.max_shift}),
+        shift_fill=args.shift_fill, whiten_init=args.whiten_init, ema=args.ema,
+        train_on=args.train_on, tta_flip=args.tta_flip, tta_shift=args.tta_shift,
+        recipe=args.recipe)
     print(f"run {config.run_id}: {config.arch} ({config.variant}), {len(data.y_train)} "
           f"training / {len(data.y_val)} validation images from {data.source}", flush=True)
     result = train(config, data)
@@ -331,6 +389,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"files in {result.run_dir}: "
           + ", ".join(sorted(p.name for p in result.files.values())), flush=True)
     return 0
+
+
+def _resolve_mixed_precision(value: bool | str) -> bool:
+    """``--mixed-precision`` (True), its absence (False), or the recipe's ``"auto"``: bfloat16
+    only where the CPU computes it natively. An explicit request on a CPU that emulates it
+    stops here, before anything slow starts."""
+    native = cpu_has_bf16()
+    if value == "auto":
+        if native is False:
+            print("note: this CPU has no AVX512_BF16, so the recipe trains in float32 "
+                  "(bfloat16 would be emulated, ~14x slower)", flush=True)
+        return bool(native)
+    if value and native is False and not Path("/dev/nvidia0").exists():
+        raise CLIError("--mixed-precision: this CPU has no AVX512_BF16, so TensorFlow would "
+                       "emulate bfloat16 (~14x slower than float32); leave the flag out to "
+                       "train in float32")
+    return bool(value)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -344,14 +419,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
 
     model = load_trained_model(weights, args.arch, variant=args.variant,
-                               batch_norm=args.batch_norm, dropout=args.dropout)
+                               batch_norm=args.batch_norm, dropout=args.dropout,
+                               class_relu=args.class_relu)
+    from allcnn_lib.training import load_run_config
+
+    run_config = load_run_config(weights) or {}
+    flip = run_config.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
+    shift = run_config.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
     result = evaluate(model, data.x_test, data.y_test, args.batch_size,
                       preprocess=run_preprocess(weights), class_names=data.class_names,
-                      flip=args.tta_flip)
+                      flip=flip, shift=shift)
     out = Path(args.out) if args.out else weights.parent / "confusion_matrix.png"
     print(f"weights: {weights} ({model.name}, {model.count_params():,} params)")
+    tta = [name for name, on in (("flip", flip), (f"{shift} px translations", shift)) if on]
     print(f"test images: {result.n} from {data.source}"
-          + ("; test-time flip: on" if args.tta_flip else ""))
+          + (f"; test-time augmentation: {' and '.join(tta)}" if tta else ""))
     label = "SAMPLE accuracy" if data.is_sample else "test accuracy"
     print(f"{label} {result.accuracy:.4f}  loss {result.loss:.4f}  "
           f"(error {result.error:.2%})")
@@ -375,7 +457,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from allcnn_lib.training import atomic_write_text
 
     atomic_write_text(report, json.dumps({"weights": str(weights), "source": data.source,
-                                          "tta_flip": bool(args.tta_flip),
+                                          "tta_flip": bool(flip), "tta_shift": int(shift),
                                           **result.to_dict()}, indent=1))
     print(f"confusion matrix: {out}")
     return 0
@@ -419,13 +501,24 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split("\n")[0].split())
 
 
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``allcnn`` arguments; ``train --recipe NAME`` makes the preset (``RECIPES``) the
+    defaults, so that flags given explicitly still win."""
+    parser = build_parser()
+    argv = _with_default_command(list(argv))
+    args = parser.parse_args(argv)
+    if getattr(args, "recipe", None):
+        parser.subcommands["train"].set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``allcnn`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(_with_default_command(argv))
+    args = parse_arguments(argv)
     if args.command is None:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
         return int(args.func(args) or 0)

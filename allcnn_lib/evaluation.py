@@ -98,18 +98,36 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return flat.reshape(num_classes, num_classes)
 
 
+def tta_views(flip: bool = False, shift: int = 0) -> list[tuple[bool, int]]:
+    """The (mirrored, translation) views test-time augmentation averages: the image, its
+    mirror (``flip``), and each of those translated by ``(shift, shift)`` and
+    ``(-shift, -shift)`` pixels with reflected borders (``shift``; Page 2018, airbench)."""
+    flips = (False, True) if flip else (False,)
+    shifts = (0, shift, -shift) if shift else (0,)
+    return [(f, d) for f in flips for d in shifts]
+
+
 def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 256, *,
                           preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
-                          flip: bool = False) -> np.ndarray:
+                          flip: bool = False, shift: int = 0) -> np.ndarray:
     """Class probabilities for uint8 images, through ``make_dataset`` (autotune off).
 
-    ``flip``: test-time augmentation, the mean of the probabilities of each image and of its
-    horizontal mirror (the training augmentation flips, so both are in-distribution).
+    Test-time augmentation: the mean of the probabilities over ``tta_views(flip, shift)``.
+    The training augmentation flips and translates, so every view is in-distribution.
     """
-    if flip:
-        return (predict_probabilities(model, x, batch_size, preprocess=preprocess)
-                + predict_probabilities(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size,
-                                        preprocess=preprocess)) / 2
+    views = tta_views(flip, shift)
+    if len(views) > 1:
+        from allcnn_lib.preprocessing import tf_shift_flip
+
+        base = preprocess or scale_to_unit
+        total = 0.0
+        for mirrored, d in views:
+            def view(images, mirrored=mirrored, d=d):  # on the uint8 images, then preprocess
+                n = tf.shape(images)[:1]
+                return base(tf_shift_flip(images, tf.fill(n, d), tf.fill(n, d),
+                                          tf.fill(n, mirrored), "reflect"))
+            total = total + predict_probabilities(model, x, batch_size, preprocess=view)
+        return total / len(views)
     ds = make_dataset(x, None, batch_size, preprocess=preprocess)
     probs = np.asarray(model.predict(ds, verbose=0), np.float64)
     rows = probs.sum(axis=1)
@@ -121,18 +139,19 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 2
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, *,
              preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
-             class_names: Sequence[str] = CLASS_NAMES, flip: bool = False
+             class_names: Sequence[str] = CLASS_NAMES, flip: bool = False, shift: int = 0
              ) -> EvaluationResult:
     """Accuracy, cross-entropy, per-class accuracy and confusion matrix of ``model`` on (x, y).
 
     ``x``: uint8 NHWC images, preprocessed in the pipeline by ``preprocess`` (default /255; for
-    a ZCA run use ``run_preprocess(weights_path)``). ``y``: integer labels. ``flip``: average
-    with the horizontally flipped images (test-time augmentation, ``predict_probabilities``).
+    a ZCA run use ``run_preprocess(weights_path)``). ``y``: integer labels. ``flip``, ``shift``:
+    test-time augmentation (``predict_probabilities``).
     """
     y = np.asarray(y, np.int64).ravel()
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"need as many labels as images (> 0), got {len(x)} and {len(y)}")
-    probs = predict_probabilities(model, x, batch_size, preprocess=preprocess, flip=flip)
+    probs = predict_probabilities(model, x, batch_size, preprocess=preprocess, flip=flip,
+                                  shift=shift)
     num_classes = probs.shape[1]
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(y, pred, num_classes)
@@ -170,7 +189,8 @@ def _infer_from_file(path: Path) -> dict[str, Any]:
 
 def load_trained_model(weights_path: str | os.PathLike, arch: str | None = None, *,
                        variant: str | None = None, batch_norm: bool | None = None,
-                       dropout: bool | None = None, **build_kwargs: Any) -> keras.Model:
+                       dropout: bool | None = None, class_relu: bool | None = None,
+                       **build_kwargs: Any) -> keras.Model:
     """A network with trained weights from a ``.weights.h5`` file or a ``.keras`` model.
 
     For weights, each of ``arch``, ``variant``, ``batch_norm`` and ``dropout`` left as None
@@ -190,18 +210,20 @@ def load_trained_model(weights_path: str | os.PathLike, arch: str | None = None,
                                        "leave out --arch for .keras files")
         return model
     settings: dict[str, Any] = {"arch": "allcnn", "variant": "paper", "batch_norm": False,
-                                "dropout": True}
+                                "dropout": True, "class_relu": True}
     config = load_run_config(path)
     if config is not None:
         settings.update({k: config[k] for k in settings if k in config})
     else:
         settings.update(_infer_from_file(path))
-    explicit = {"arch": arch, "variant": variant, "batch_norm": batch_norm, "dropout": dropout}
+    explicit = {"arch": arch, "variant": variant, "batch_norm": batch_norm, "dropout": dropout,
+                "class_relu": class_relu}
     settings.update({k: v for k, v in explicit.items() if v is not None})
     build_kwargs.setdefault("weight_decay", 0)  # no regularizer needed to predict
     model = build_model(settings["arch"], variant=settings["variant"],
                         batch_norm=bool(settings["batch_norm"]),
-                        dropout=bool(settings["dropout"]), **build_kwargs)
+                        dropout=bool(settings["dropout"]),
+                        class_relu=bool(settings["class_relu"]), **build_kwargs)
     return load_weights(model, path)
 
 

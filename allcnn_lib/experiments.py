@@ -44,12 +44,13 @@ class Config:
     key: str
     label: str
     flags: tuple[str, ...] = ()
+    common: tuple[str, ...] = COMMON_FLAGS
 
     def command(self, seed: int, runs_dir: str | os.PathLike, *extra: str | os.PathLike
                 ) -> list[str]:
         """The ``allcnn train`` arguments of this configuration's run with ``seed``; ``extra``
         flags come last (argparse keeps the last value of a repeated flag)."""
-        return ["train", "--id", run_id(self.key, seed), *COMMON_FLAGS, *self.flags,
+        return ["train", "--id", run_id(self.key, seed), *self.common, *self.flags,
                 "--seed", str(seed), "--runs-dir", str(runs_dir), *map(str, extra)]
 
 
@@ -75,6 +76,30 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
     Config("adam", "Adam", ("--optimizer", "adam")),
 )}
 
+#: The fast recipe's ablation (``allcnn train --recipe fast``): the whole recipe, then the recipe
+#: with one trick removed, each for ``RECIPE_ABLATION_EPOCHS`` epochs on the 45k/5k split.
+RECIPE_ABLATION_EPOCHS = 5
+RECIPE_FLAGS = ("--recipe", "fast", "--epochs", str(RECIPE_ABLATION_EPOCHS))
+_REMOVALS = (
+    ("no_bn", "without batch norm", ("--bn", "0")),
+    ("constant_lr", "constant learning rate (no one-cycle)", ("--schedule", "constant")),
+    ("no_whiten", "without patch-whitening init", ("--no-whiten-init",)),
+    ("no_ema", "without EMA of the weights", ("--no-ema",)),
+    ("no_label_smoothing", "without label smoothing", ("--label-smoothing", "0")),
+    ("no_augment", "without translations and flips", ("--no-augment",)),
+    ("zero_fill", "zero-filled translations (not reflect)", ("--shift-fill", "zero")),
+    ("batch_128", "batch 128, lr 0.1 (not 512, 0.4)", ("--batch-size", "128", "--lr", "0.1")),
+    ("float32", "float32 (not mixed bfloat16)", ("--no-mixed-precision",)),
+    ("no_normalize", "without per-channel standardization", ("--no-normalize",)),
+    ("no_class_relu", "without the ReLU on conv9", ("--class-relu", "0")),
+)
+CONFIGS.update({c.key: c for c in (
+    Config("recipe/full", "fast recipe", (), RECIPE_FLAGS),
+    *(Config(f"recipe/{key}", label, flags, RECIPE_FLAGS) for key, label, flags in _REMOVALS),
+    *(Config(f"recipe/ladder_{e}", f"fast recipe, {e} epochs", ("--epochs", str(e)),
+             RECIPE_FLAGS) for e in (10, 20)),
+)})
+
 #: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
 #: all Glorot uniform (its -init flag never reached the model), so the baseline is that.
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
@@ -83,11 +108,13 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "augmentation": ("no_augment", "baseline", "normalize", "zca_0.1", "zca_1e-6"),
     "regularization": ("baseline", "batch_norm", "batch_norm_dropout", "no_dropout"),
     "optimizers": ("baseline", "rmsprop_rho0", "rmsprop", "adam"),
+    "recipe_ablation": ("recipe/full", *(f"recipe/{key}" for key, _, _ in _REMOVALS)),
+    "recipe_ladder": ("recipe/ladder_10", "recipe/ladder_20"),
 }
 
 
 def run_id(key: str, seed: int) -> str:
-    return f"{key}_seed{seed}"
+    return f"{key.replace('/', '_')}_seed{seed}"
 
 
 def result_dir(results: str | os.PathLike, key: str, seed: int) -> Path:

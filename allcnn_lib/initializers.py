@@ -37,6 +37,55 @@ from typing import Any
 import keras
 import numpy as np
 
+# --------------------------------------------------------------------------- patch whitening
+
+#: Added to the eigenvalues of the 3x3 patch covariance (airbench's value, on standardized
+#: pixels): directions weaker than this are not amplified beyond 1 / sqrt(5e-4) ~ 45x.
+PATCH_WHITENING_EPSILON = 5e-4
+
+
+def patch_whitening_kernel(images: np.ndarray, kernel_size: int = 3, *,
+                           epsilon: float = PATCH_WHITENING_EPSILON, patches: int = 20_000,
+                           seed: int = 0) -> np.ndarray:
+    """Whitening filters for a first conv layer, from ZCA fitted on image patches.
+
+    ``patches`` random ``kernel_size`` x ``kernel_size`` patches of the (preprocessed, float)
+    training ``images`` (N, H, W, C) are whitened with ``ZCAWhitening`` (notebook 04), and each
+    row of its whitening matrix becomes one filter, followed by its negative (so that a ReLU
+    passes both signs): a kernel of shape ``(k, k, C, 2 k^2 C)``, 54 filters for 3x3 RGB. The
+    conv's output is then the ZCA-whitened patch around each pixel (Page 2018; Jordan 2024,
+    airbench).
+    """
+    from allcnn_lib.preprocessing import ZCAWhitening
+
+    rng = np.random.default_rng(seed)
+    n, h, w, c = images.shape
+    k = int(kernel_size)
+    i = rng.integers(0, n, patches)
+    y = rng.integers(0, h - k + 1, patches)[:, None, None] + np.arange(k)[None, :, None]
+    x = rng.integers(0, w - k + 1, patches)[:, None, None] + np.arange(k)[None, None, :]
+    sample = np.asarray(images[i[:, None, None], y, x], np.float32)  # (P, k, k, C)
+    zca = ZCAWhitening(epsilon=epsilon, mode="zca").fit(sample)
+    filters = zca.whitening_matrix_.reshape(-1, k, k, c)  # row d: the filter of output d
+    kernel = np.moveaxis(filters, 0, -1)  # (k, k, C, k*k*C)
+    return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def whiten_first_conv(model: keras.Model, images: np.ndarray, *, seed: int = 0) -> int:
+    """Set the first filters of the model's first conv to ``patch_whitening_kernel`` of
+    ``images``, scaled as a whole to the RMS of the initial kernel (the whitening holds up to
+    that one factor; weight decay then sees ordinary weights); the remaining filters keep their
+    initialization. Returns the number of filters set."""
+    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
+    whitening = patch_whitening_kernel(images, kernel.shape[0], seed=seed)
+    whitening *= np.sqrt(np.mean(kernel**2) / np.mean(whitening**2))
+    count = min(whitening.shape[-1], kernel.shape[-1])
+    kernel[..., :count] = whitening[..., :count]
+    conv.kernel.assign(kernel)
+    return count
+
+
 # --------------------------------------------------------------------------- named initializers
 
 #: Standard deviation of the "gaussian" initializer: Caffe's ``gaussian`` filler with ``std:

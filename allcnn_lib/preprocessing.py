@@ -807,8 +807,14 @@ class RandomShiftFlip(_DataLayer):
 # --------------------------------------------------------------------------- augmentation: TF
 
 
-def tf_shift_flip(images: Any, dy: Any, dx: Any, flips: Any, fill_value: float = 0) -> Any:
-    """:func:`shift_flip` in pure TensorFlow (two batched gathers); keeps shape and dtype."""
+def tf_shift_flip(images: Any, dy: Any, dx: Any, flips: Any,
+                  fill_value: float | str = 0) -> Any:
+    """:func:`shift_flip` in pure TensorFlow (two batched gathers); keeps shape and dtype.
+
+    ``fill_value="reflect"`` fills the uncovered border with the image mirrored at its edge
+    (``numpy.pad(mode="reflect")``): a shift by ``(dy, dx)`` is then a random crop of the
+    reflect-padded image, the translation of the fast recipes (Page 2018, airbench).
+    """
     import tensorflow as tf
 
     images = tf.convert_to_tensor(images)
@@ -822,15 +828,23 @@ def tf_shift_flip(images: Any, dy: Any, dx: Any, flips: Any, fill_value: float =
     rows = tf.range(h)[None, :] - dy
     cols = tf.range(w)[None, :] - dx
     valid = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])
+    reflect = isinstance(fill_value, str)
+    if reflect:
+        if fill_value != "reflect":
+            raise ValueError(f"fill_value must be a number or 'reflect', got {fill_value!r}")
+        rows = (h - 1) - tf.abs((h - 1) - tf.abs(rows))  # mirror at 0 and at h - 1
+        cols = (w - 1) - tf.abs((w - 1) - tf.abs(cols))
     cols = tf.where(flips, w - 1 - cols, cols)
     out = tf.gather(batch, tf.clip_by_value(rows, 0, h - 1), axis=1, batch_dims=1)
     out = tf.gather(out, tf.clip_by_value(cols, 0, w - 1), axis=2, batch_dims=1)
-    out = tf.where(valid[..., None], out, tf.cast(fill_value, out.dtype))
+    if not reflect:
+        out = tf.where(valid[..., None], out, tf.cast(fill_value, out.dtype))
     return out[0] if single else out
 
 
 def tf_random_shift_flip(images: Any, labels: Any = None, max_shift: int | float = 3,
-                         seed: Any = None, flip: bool = True, fill_value: float = 0) -> Any:
+                         seed: Any = None, flip: bool = True,
+                         fill_value: float | str = 0) -> Any:
     """Random flip + shift for a ``tf.data`` map (semantics of :func:`random_shift_flip`).
 
     ``seed``: a stateless seed, int tensor of shape [2] (vary it per batch, e.g. with
@@ -862,7 +876,7 @@ def tf_random_shift_flip(images: Any, labels: Any = None, max_shift: int | float
 
 
 def augment_dataset(dataset: Any, max_shift: int | float = 3, seed: int = 0, flip: bool = True,
-                    fill_value: float = 0, num_parallel_calls: int | None = None) -> Any:
+                    fill_value: float | str = 0, num_parallel_calls: int | None = None) -> Any:
     """Map :func:`tf_random_shift_flip` over a batched ``tf.data`` dataset, reproducibly.
 
     Elements are images or ``(images, labels, ...)`` tuples (the first item is augmented).

@@ -55,14 +55,19 @@ from allcnn_lib.preprocessing import (
     augment_dataset,
     global_contrast_normalize,
 )
+from allcnn_lib.recipes import RECIPES
 
 # --------------------------------------------------------------------------- names and defaults
 
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("paper", "cosine", "constant", "seed")
+SCHEDULES = ("paper", "cosine", "constant", "seed", "onecycle")
 INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
                 "orthogonal", "lsuv")
 DISTRIBUTE = ("none", "mirrored")
+SHIFT_FILLS = ("zero", "reflect")
+#: ``split``: train on the training split, select on the validation split; ``all``: train on all
+#: 50,000 training images (no validation; the checkpoint is the schedule's last epoch).
+TRAIN_ON = ("split", "all")
 
 #: Default learning rates: the seed's SGD (0.01) and Keras' defaults for RMSprop and Adam.
 DEFAULT_LEARNING_RATES = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001}
@@ -80,6 +85,15 @@ COSINE_WARMUP_FRACTION = 0.05
 
 #: Largest translation of the augmentation, as a fraction of the image side (3 px of 32).
 MAX_SHIFT = 0.1
+
+#: Share of the run the "onecycle" schedule spends warming up linearly from 0 to the peak.
+ONECYCLE_WARMUP_FRACTION = 0.2
+
+#: Decay of the weights' exponential moving average (``ema=True``): a horizon of ~100 steps.
+EMA_MOMENTUM = 0.99
+
+#: Training batches that re-estimate the batch-norm statistics under the averaged weights.
+BN_RECALIBRATION_BATCHES = 20
 
 #: Batches the input pipeline prepares ahead of the train step (a fixed, small buffer).
 PREFETCH_BATCHES = 2
@@ -134,6 +148,8 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
       (``CosineDecay`` with ``warmup_target``); needs ``steps_per_epoch`` and ``epochs``.
     - ``"seed"``: the seed's Keras-2 ``decay=1e-6`` made explicit,
       ``InverseTimeDecay(lr, decay_steps=1, decay_rate=1e-6)``: lr_k = lr / (1 + 1e-6 k).
+    - ``"onecycle"``: linear warm-up from 0 to ``learning_rate`` over the first 20% of the
+      steps, then linear decay to 0 at the last step (Smith 2018; Page 2018).
     """
     schedules = keras.optimizers.schedules
     if name == "constant":
@@ -145,6 +161,9 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
     if not steps_per_epoch or not epochs:
         raise ValueError(f"the {name!r} schedule needs steps_per_epoch and epochs")
     total = int(steps_per_epoch) * int(epochs)
+    if name == "onecycle":
+        peak = max(1, round(total * ONECYCLE_WARMUP_FRACTION))
+        return OneCycle(learning_rate, peak_step=peak, total_steps=total)
     if name == "paper":
         # Keras' boundaries are inclusive on the left value: lr(step) = values[i] for
         # boundaries[i-1] < step <= boundaries[i]; a drop "at step d" is a boundary at d - 1.
@@ -158,9 +177,26 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
                                  warmup_target=learning_rate, warmup_steps=warmup)
 
 
+@keras.saving.register_keras_serializable(package="allcnn")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Piecewise linear: 0 at step 0, ``peak`` at ``peak_step``, 0 at ``total_steps``."""
+
+    def __init__(self, peak: float, peak_step: int, total_steps: int) -> None:
+        self.peak, self.peak_step, self.total_steps = float(peak), int(peak_step), int(total_steps)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = step / self.peak_step
+        down = (self.total_steps - step) / max(1, self.total_steps - self.peak_step)
+        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "peak_step": self.peak_step, "total_steps": self.total_steps}
+
+
 def make_optimizer(name: str, *, learning_rate: float | None = None, rho: float = 0.9,
                    schedule: str | None = None, steps_per_epoch: int | None = None,
-                   epochs: int | None = None) -> keras.optimizers.Optimizer:
+                   epochs: int | None = None, ema: bool = False) -> keras.optimizers.Optimizer:
     """One of the course's optimizers, with its learning-rate schedule.
 
     - ``"sgd"``: lr 0.01, momentum 0.9, Nesterov (the seed's optimizer; the paper uses plain
@@ -175,17 +211,20 @@ def make_optimizer(name: str, *, learning_rate: float | None = None, rho: float 
 
     ``schedule`` (``make_schedule``): ``"constant"`` (default), ``"paper"``, ``"cosine"`` or
     ``"seed"``; ``"paper"`` and ``"cosine"`` need ``steps_per_epoch`` and ``epochs``.
+    ``ema``: keep an exponential moving average of the weights (Keras' ``use_ema``, momentum
+    ``EMA_MOMENTUM``); ``fit`` copies it into the model when training ends.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else float(learning_rate)
     rate = make_schedule(schedule or "constant", lr, steps_per_epoch=steps_per_epoch,
                          epochs=epochs)
+    averaging = {"use_ema": True, "ema_momentum": EMA_MOMENTUM} if ema else {}
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=rate, momentum=0.9, nesterov=True)
+        return keras.optimizers.SGD(learning_rate=rate, momentum=0.9, nesterov=True, **averaging)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=rate, rho=float(rho))
-    return keras.optimizers.Adam(learning_rate=rate)
+        return keras.optimizers.RMSprop(learning_rate=rate, rho=float(rho), **averaging)
+    return keras.optimizers.Adam(learning_rate=rate, **averaging)
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer, step: int | None = None) -> float:
@@ -220,15 +259,18 @@ def _pipeline_options() -> tf.data.Options:
 def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 128, *,
                  training: bool = False, augment: bool = False, seed: int = 0,
                  preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None,
-                 num_classes: int | None = None, max_shift: float = MAX_SHIFT,
-                 drop_remainder: bool | None = None, repeat: bool = False) -> tf.data.Dataset:
+                 num_classes: int | None = None, max_shift: int | float = MAX_SHIFT,
+                 shift_fill: str = "zero", drop_remainder: bool | None = None,
+                 repeat: bool = False) -> tf.data.Dataset:
     """A ``tf.data`` pipeline over uint8 NHWC images (and int labels) for fit/evaluate/predict.
 
     In order: shuffle (``training``; the whole set, reshuffled every epoch, seeded), batch,
     uint8 -> float32 with ``preprocess`` (a function of a uint8 batch; default: /255), random
-    shifts of up to ``max_shift`` of the side and horizontal flips (``augment``; seeded,
-    different every epoch), one-hot labels (``num_classes``; for label smoothing), and a
-    prefetch of ``PREFETCH_BATCHES`` batches. Autotune is off and the order deterministic.
+    shifts of up to ``max_shift`` (a fraction of the side, or int pixels) with the border
+    filled by zeros or, ``shift_fill="reflect"``, by mirroring, and horizontal flips
+    (``augment``; seeded, different every epoch), one-hot labels (``num_classes``; for label
+    smoothing), and a prefetch of ``PREFETCH_BATCHES`` batches. Autotune is off and the order
+    deterministic.
     ``drop_remainder`` defaults to ``training`` (every training batch full: the per-batch log
     then holds exact per-batch values). ``repeat``: an endless stream (reshuffled on every
     pass, batches crossing the passes) for ``fit(steps_per_epoch=...)``.
@@ -248,7 +290,8 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
     if augment:
         # Stateless shifts and flips with one seed per batch from Dataset.random(seed): the
         # same in every run, different in every epoch (allcnn_lib.preprocessing).
-        ds = augment_dataset(ds, max_shift=max_shift, seed=seed)
+        ds = augment_dataset(ds, max_shift=max_shift, seed=seed,
+                             fill_value="reflect" if shift_fill == "reflect" else 0)
     if y is not None and num_classes:
         ds = ds.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)))
     if y is None:
@@ -661,6 +704,12 @@ class TrainConfig:
     ``backup_dir=None`` means ``~/.cache/allcnn/backup/<run id>``. ``verbose=None`` shows
     Keras' progress bar when stdout is a terminal and ``EpochLogger`` lines otherwise.
     ``initial_weights`` starts from a ``.weights.h5`` file (the seed's ``-retrain``).
+    The fast recipe's switches (``RECIPES``): ``class_relu`` (the ReLU on conv9),
+    ``max_shift``/``shift_fill`` (translation and its border), ``whiten_init`` (conv1 from
+    ``initializers.whiten_first_conv``), ``ema`` (average of the weights, batch norm
+    re-estimated under it at the end), ``train_on`` (``TRAIN_ON``), ``tta_flip``/``tta_shift``
+    (test-time augmentation of the final validation, and of ``allcnn evaluate``), ``recipe``
+    (the preset's name, for the record).
     """
 
     run_id: str | None = None
@@ -691,13 +740,24 @@ class TrainConfig:
     backup_dir: str | None = None
     verbose: bool | None = None
     initial_weights: str | None = None
+    class_relu: bool = True
+    max_shift: int | float = MAX_SHIFT
+    shift_fill: str = "zero"
+    whiten_init: bool = False
+    ema: bool = False
+    train_on: str = "split"
+    tta_flip: bool = False
+    tta_shift: int = 0
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         for name, value, choices in (("arch", self.arch, tuple(ARCHITECTURES)),
                                      ("init", self.init, INITIALIZERS),
                                      ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("schedule", self.schedule, SCHEDULES),
-                                     ("distribute", self.distribute, DISTRIBUTE)):
+                                     ("distribute", self.distribute, DISTRIBUTE),
+                                     ("shift_fill", self.shift_fill, SHIFT_FILLS),
+                                     ("train_on", self.train_on, TRAIN_ON)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -708,6 +768,11 @@ class TrainConfig:
             raise ValueError("choose one preprocessing: normalize (per-channel) or zca, not both")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of "
+                             f"{', '.join(RECIPES)}")
+        if self.tta_shift < 0:
+            raise ValueError(f"tta_shift must be >= 0, got {self.tta_shift}")
         if self.run_id is None:
             self.run_id = f"{self.arch}_{self.init}_{self.optimizer}_seed{self.seed}"
         if not self.run_id or "/" in self.run_id or self.run_id in (".", ".."):
@@ -814,6 +879,61 @@ def standardize_preprocess(standardizer: Standardizer) -> Callable[[tf.Tensor], 
     return preprocess
 
 
+#: Training images whose 3x3 patches ``whiten_init`` samples (``initializers.whiten_first_conv``).
+WHITENING_IMAGES = 5000
+
+
+def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
+                           batches: int = BN_RECALIBRATION_BATCHES) -> int:
+    """Re-estimate every ``BatchNormalization`` layer's moving mean and variance as the plain
+    average over ``batches`` training batches, for the weights the model has now (e.g. after
+    the EMA of the weights replaced them: the moving statistics were gathered under the raw
+    weights). Returns the batches used."""
+    layers = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    if not layers:
+        return 0
+    saved = [la.momentum for la in layers]
+    used = 0
+    try:
+        for used, element in enumerate(dataset.take(batches), 1):
+            for layer in layers:  # momentum (k-1)/k: the running mean of the k batches so far
+                layer.momentum = (used - 1) / used
+            model(element[0], training=True)
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+    return used
+
+
+def _finish_run(config: TrainConfig, model: keras.Model, train_ds: tf.data.Dataset,
+                data: CIFAR10, preprocess: Callable[[tf.Tensor], tf.Tensor], last: Path,
+                steps_per_epoch: int) -> dict[str, Any]:
+    """After the last epoch: with ``ema``, the averaged weights (which ``fit`` put in the model)
+    get batch-norm statistics of their own and become ``last.weights.h5``; then the final
+    weights are scored on the validation split, plain and with the run's test-time
+    augmentation. Returns those figures for ``config.json``."""
+    from allcnn_lib.evaluation import evaluate
+
+    final: dict[str, Any] = {}
+    has_val = len(data.y_val) > 0
+
+    def score(**tta: Any) -> float:
+        return evaluate(model, data.x_val, data.y_val, 512, preprocess=preprocess,
+                        **tta).accuracy
+
+    if config.ema:
+        if has_val:
+            final["val_accuracy_ema_stale_bn"] = score()
+        final["bn_recalibration_batches"] = recalibrate_batch_norm(model, train_ds)
+        with atomic_path(last) as tmp:
+            model.save_weights(tmp)
+    if has_val:
+        final["val_accuracy"] = score()
+        if config.tta_flip or config.tta_shift:
+            final["val_accuracy_tta"] = score(flip=config.tta_flip, shift=config.tta_shift)
+    return final
+
+
 #: Training images LSUV calibrates on (Mishkin & Matas use one mini-batch; 256 gives a steadier
 #: variance estimate than a batch of 32: LSUV on All-CNN-C takes 0.5 s on a 2-core AVX-512 CPU,
 #: 2.1 s on an AVX2 one, docs/performance.md).
@@ -856,6 +976,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+_PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
+_REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as committed files record it: relative to the repository when inside it,
+    ``~/...`` when inside the home folder, else as given (no machine's absolute paths)."""
+    resolved = Path(path).expanduser().resolve()
+    for root, prefix in ((_REPOSITORY, ""), (Path.home().resolve(), "~/")):
+        if resolved.is_relative_to(root):
+            return prefix + str(resolved.relative_to(root)) if resolved != root else (
+                prefix.rstrip("/") or ".")
+    return str(path)
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stdout, flush=True)
 
@@ -896,7 +1031,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
     start = time.perf_counter()
     seed_everything(config.seed)
     if data is None:
-        data = load_cifar10(config.data_dir, limit=config.limit, seed=config.seed)
+        data = load_cifar10(config.data_dir, limit=config.limit, seed=config.seed,
+                            validation_size=0 if config.train_on == "all" else None)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
@@ -937,7 +1073,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
     one_hot = num_classes if config.label_smoothing > 0 else None
     train_ds = make_dataset(data.x_train, data.y_train, config.batch_size, training=True,
                             augment=config.augment, seed=config.seed, preprocess=preprocess,
-                            num_classes=one_hot, repeat=config.steps_per_epoch is not None)
+                            num_classes=one_hot, repeat=config.steps_per_epoch is not None,
+                            max_shift=config.max_shift, shift_fill=config.shift_fill)
     val_ds = (make_dataset(data.x_val, data.y_val, config.batch_size, preprocess=preprocess,
                            num_classes=one_hot) if has_val else None)
     steps_per_epoch = config.steps_per_epoch or int(train_ds.cardinality().numpy())
@@ -954,9 +1091,16 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
             model = build_model(config.arch, variant=config.variant,
                                 batch_norm=config.batch_norm, dropout=config.dropout,
                                 initializer=base_initializer(config.init),
-                                weight_decay=config.weight_decay,
+                                weight_decay=config.weight_decay, class_relu=config.class_relu,
                                 input_shape=data.x_train.shape[1:], num_classes=num_classes)
             if not initial_epoch:  # a resumed run restores its weights from the backup
+                if config.whiten_init:
+                    from allcnn_lib.initializers import whiten_first_conv
+
+                    sample = np.random.default_rng(config.seed).permutation(
+                        len(data.x_train))[:WHITENING_IMAGES]
+                    whiten_first_conv(model, preprocess(data.x_train[sample]).numpy(),
+                                      seed=config.seed)
                 finish_initialization(model, config.init, data.x_train, seed=config.seed,
                                       preprocess=preprocess)
             if config.initial_weights:
@@ -970,15 +1114,18 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
                 metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
             optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate,
                                        rho=config.rho, schedule=config.schedule,
-                                       steps_per_epoch=steps_per_epoch, epochs=config.epochs)
+                                       steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                                       ema=config.ema)
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
         if not initial_epoch:
             for name in ("best", "last"):
                 files[name].unlink(missing_ok=True)
-        meta = {**config.to_dict(), "run": {
+        recorded = {k: portable_path(v) if k in _PATH_FIELDS and v else v
+                    for k, v in config.to_dict().items()}
+        meta = {**recorded, "run": {
             "model": model.name, "params": int(model.count_params()),
-            "data_source": data.source, "is_sample": bool(data.is_sample),
+            "data_source": portable_path(data.source), "is_sample": bool(data.is_sample),
             "train_images": int(len(data.y_train)), "validation_images": int(len(data.y_val)),
             "class_names": list(data.class_names), "steps_per_epoch": steps_per_epoch,
             "resumed_from_epoch": initial_epoch, "status": "running",
@@ -989,6 +1136,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
         monitor = "val_accuracy" if has_val else "accuracy"
         verbose = sys.stdout.isatty() if config.verbose is None else bool(config.verbose)
         callbacks: list[keras.callbacks.Callback] = [
+            *([keras.callbacks.SwapEMAWeights()] if config.ema else []),  # validate the EMA
             EpochInfo(),
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.CSVLogger(str(files["history"]), append=True),
@@ -1013,6 +1161,9 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
     losses = history.get("loss", [])
     nan = bool(losses) and not math.isfinite(losses[-1])
     completed = len(history.get("epoch", []))
+    if completed >= config.epochs and not nan:
+        meta["run"]["final"] = _finish_run(config, model, train_ds, data, preprocess,
+                                           files["last"], steps_per_epoch)
     try:
         from allcnn_lib.plots import save_run_plots
 
