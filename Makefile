@@ -14,7 +14,8 @@ FINAL_MODEL := data/final_model
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
                --nbval-cell-timeout=600
 
-.PHONY: help setup test lint unit nbtest run notebooks lab data sample bench experiments evaluate \
+.PHONY: help setup test lint unit nbtest run notebooks lab data sample bench experiments recipe \
+        evaluate \
         clean
 
 help:  ## list the targets
@@ -65,6 +66,9 @@ bench: $(BACKENDS_STAMP)  ## speed table -> docs/performance.md (5-20 min; NOTEB
 
 experiments: $(SETUP_STAMP)  ## the four experiments, resumable, into results/ (hours on a CPU; see --list)
 	$(BIN)/python scripts/run_experiments.py
+
+recipe: $(SETUP_STAMP)  ## the fast recipe's ablation and time-to-accuracy ladder into results/recipe/ (hours)
+	$(BIN)/python scripts/run_experiments.py --experiments recipe_ablation recipe_ladder
 
 evaluate: $(SETUP_STAMP)  ## the shipped final model (data/final_model) on the test set: accuracy and loss
 	@cd $(FINAL_MODEL) 2>/dev/null && md5sum --quiet -c MD5SUMS 2>/dev/null || { \

@@ -35,6 +35,8 @@ COMMON_FLAGS = ("--arch", "allcnn", "--variant", "paper", "--schedule", "seed",
                 "--steps-per-epoch", str(STEPS_PER_EPOCH))
 
 RESULT_FILES = ("config.json", "history.csv", "batches.csv")
+#: A ladder rung's one evaluation on the test set (``allcnn evaluate`` of its last weights).
+TEST_FILE = "test.json"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Config:
     label: str
     flags: tuple[str, ...] = ()
     common: tuple[str, ...] = COMMON_FLAGS
+    test: bool = False  # a rung of the time-to-accuracy ladder: the test set is scored once
 
     def command(self, seed: int, runs_dir: str | os.PathLike, *extra: str | os.PathLike
                 ) -> list[str]:
@@ -94,10 +97,10 @@ _REMOVALS = (
     ("no_class_relu", "without the ReLU on conv9", ("--class-relu", "0")),
 )
 CONFIGS.update({c.key: c for c in (
-    Config("recipe/full", "fast recipe", (), RECIPE_FLAGS),
+    Config("recipe/full", "fast recipe", (), RECIPE_FLAGS, test=True),
     *(Config(f"recipe/{key}", label, flags, RECIPE_FLAGS) for key, label, flags in _REMOVALS),
     *(Config(f"recipe/ladder_{e}", f"fast recipe, {e} epochs", ("--epochs", str(e)),
-             RECIPE_FLAGS) for e in (10, 20)),
+             RECIPE_FLAGS, test=True) for e in (10, 20)),
 )})
 
 #: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
@@ -108,6 +111,10 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "augmentation": ("no_augment", "baseline", "normalize", "zca_0.1", "zca_1e-6"),
     "regularization": ("baseline", "batch_norm", "batch_norm_dropout", "no_dropout"),
     "optimizers": ("baseline", "rmsprop_rho0", "rmsprop", "adam"),
+}
+#: The four experiments of the seed repository's README (``make experiments``).
+README_EXPERIMENTS = tuple(EXPERIMENTS)
+EXPERIMENTS |= {
     "recipe_ablation": ("recipe/full", *(f"recipe/{key}" for key, _, _ in _REMOVALS)),
     "recipe_ladder": ("recipe/ladder_10", "recipe/ladder_20"),
 }
@@ -121,7 +128,7 @@ def result_dir(results: str | os.PathLike, key: str, seed: int) -> Path:
     return Path(results) / key / f"seed{seed}"
 
 
-def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
+def run_order(experiments: Sequence[str] = README_EXPERIMENTS,
               seeds: Sequence[int] = SEEDS) -> list[tuple[Config, int]]:
     """(configuration, seed) pairs, each once, experiment by experiment, both seeds of a
     configuration together: a partial grid still completes whole experiments."""
@@ -161,7 +168,7 @@ def load_results(results: str | os.PathLike, keys: Sequence[str] | None = None):
     import pandas as pd
 
     batch_frames, epoch_frames = [], []
-    for key in keys or list(CONFIGS):
+    for key in keys or [k for k in CONFIGS if not k.startswith("recipe/")]:
         for folder in sorted((Path(results) / key).glob("seed*")):
             if not is_complete(folder):
                 continue
@@ -296,3 +303,71 @@ def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init:
     history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, shuffle=False,
                         verbose=0)
     return model, float(history.history["loss"][-1])
+
+
+# --------------------------------------------------------------------------- the fast recipe
+
+#: Accuracies the time-to-accuracy ladder is read at: a good model, the seed repository's
+#: 90.88% and the paper's 92.75%.
+LADDER_TARGETS = (0.85, 0.9088, 0.9275)
+
+
+RECIPE_COLUMNS = ("config", "label", "seed", "epochs", "val_accuracy", "val_accuracy_tta",
+                  "val_accuracy_ema_stale_bn", "test_accuracy", "minutes", "machine")
+
+
+def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
+    """One row per finished run under ``results/recipe/``: config, label, seed, epochs,
+    validation accuracy after the last epoch (plain; EMA weights with batch norm re-estimated
+    when the run used an EMA) and with test-time augmentation, the EMA's accuracy before that
+    re-estimation, the test accuracy of a ladder rung (``test.json``, else NaN), minutes of wall
+    time and the machine."""
+    import pandas as pd
+
+    rows = []
+    for key in keys or [k for k in CONFIGS if k.startswith("recipe/")]:
+        for folder in sorted((Path(results) / key).glob("seed*")):
+            if not is_complete(folder):
+                continue
+            config = json.loads((folder / "config.json").read_text())
+            run, final = config["run"], config["run"].get("final", {})
+            test = folder / TEST_FILE
+            rows.append({
+                "config": key.removeprefix("recipe/"), "label": CONFIGS[key].label,
+                "seed": int(folder.name.removeprefix("seed")), "epochs": config["epochs"],
+                "val_accuracy": final.get("val_accuracy", np.nan),
+                "val_accuracy_tta": final.get("val_accuracy_tta", np.nan),
+                "val_accuracy_ema_stale_bn": final.get("val_accuracy_ema_stale_bn", np.nan),
+                "test_accuracy": (json.loads(test.read_text())["accuracy"] if test.is_file()
+                                  else np.nan),
+                "minutes": run.get("seconds", np.nan) / 60,
+                "machine": run.get("machine", "")})
+    return pd.DataFrame(rows, columns=RECIPE_COLUMNS)
+
+
+def ablation_table(runs):
+    """Per configuration of ``recipe_runs``: validation accuracy (mean over seeds, each seed's
+    value), its difference from the full recipe's mean, and the median wall time."""
+    import pandas as pd
+
+    full = runs.loc[runs["config"] == "full", "val_accuracy"].mean()
+    rows = []
+    for config, group in runs[runs["epochs"] == RECIPE_ABLATION_EPOCHS].groupby(
+            "config", sort=False):
+        mean = group["val_accuracy"].mean()
+        rows.append({"config": config, "label": group["label"].iloc[0], "seeds": len(group),
+                     "val_accuracy": mean, "difference": mean - full,
+                     "per_seed": ", ".join(f"{v:.2%}" for v in group["val_accuracy"]),
+                     "val_accuracy_tta": group["val_accuracy_tta"].mean(),
+                     "minutes": group["minutes"].median()})
+    return pd.DataFrame(rows, columns=["config", "label", "seeds", "val_accuracy", "difference",
+                                       "per_seed", "val_accuracy_tta", "minutes"])
+
+
+def time_to_accuracy(history, targets: Sequence[float] = LADDER_TARGETS) -> dict[float, float]:
+    """Minutes of training (the ``time`` column summed) until the validation accuracy of an
+    epoch first reaches each target; NaN for a target never reached."""
+    minutes = np.cumsum(np.asarray(history["time"], float)) / 60
+    acc = np.asarray(history["val_accuracy"], float)
+    return {t: float(minutes[np.argmax(acc >= t)]) if (acc >= t).any() else float("nan")
+            for t in targets}

@@ -31,3 +31,21 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
     except OSError:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU in a few words, for records of where a run trained: model name, cores, and
+    whether it has AVX-512 and bfloat16 (e.g. "AMD EPYC, 2 cores, AVX-512, AVX512_BF16")."""
+    import os
+
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    bf16 = ", AVX512_BF16" if "avx512_bf16" in flags else ""
+    return f"{model}, {os.cpu_count()} cores, {isa}{bf16}"

@@ -20,6 +20,7 @@ stops, unless ``--allow-sample`` (for trying the pipeline).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -34,19 +35,61 @@ from allcnn_lib import experiments as ex  # noqa: E402
 
 
 def copy_results(run_dir: Path, target: Path) -> None:
-    """Copy the run's small files to ``target`` through a temporary folder (atomic rename)."""
+    """Copy the run's small files to ``target`` through a temporary folder (atomic rename);
+    ``config.json``'s paths are recorded relative to the repository or ``~``."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ex.RESULT_FILES:
+    for name in ex.RESULT_FILES + ((ex.TEST_FILE,) if (run_dir / ex.TEST_FILE).is_file()
+                                   else ()):
         shutil.copy2(run_dir / name, tmp / name)
+    config = json.loads((tmp / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
 
+def portable_config(config: dict) -> dict:
+    """``config`` with its machine paths made portable (``training.portable_path``)."""
+    from allcnn_lib.training import portable_path
+
+    for key in ("data_dir", "runs_dir", "backup_dir", "initial_weights"):
+        if config.get(key):
+            config[key] = portable_path(config[key])
+    run = config.get("run", {})
+    if run.get("data_source"):
+        run["data_source"] = portable_path(run["data_source"])
+    return config
+
+
+def record_machine(run_dir: Path) -> None:
+    """Add the CPU this runner (and so the run) used to the run's ``config.json``."""
+    from allcnn_lib.recipes import cpu_description
+
+    path = run_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.setdefault("run", {}).setdefault("machine", cpu_description())
+    path.write_text(json.dumps(config, indent=2))
+
+
+def evaluate_on_test(run_dir: Path, log: Path, data_flags: list[str]) -> int:
+    """Score a ladder rung's last weights on the test set, once: ``run_dir/test.json``."""
+    cmd = [sys.executable, "-m", "allcnn_lib", "evaluate", "--weights",
+           str(run_dir / "last.weights.h5"), "--out", str(run_dir / "test.png"), *data_flags]
+    with open(log, "a") as fh:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if rc == 0:
+        report = json.loads((run_dir / "test.json").read_text())
+        report["weights"] = "last.weights.h5"
+        (run_dir / ex.TEST_FILE).write_text(json.dumps(
+            {k: report[k] for k in ("weights", "tta_flip", "tta_shift", "accuracy", "loss",
+                                    "images", "per_class_accuracy")}, indent=1))
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experiments", nargs="+", default=list(ex.EXPERIMENTS),
+    ap.add_argument("--experiments", nargs="+", default=list(ex.README_EXPERIMENTS),
                     choices=list(ex.EXPERIMENTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(ex.SEEDS))
     ap.add_argument("--results", type=Path, default=ROOT / "results")
@@ -89,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(order) - len(todo)} of {len(order)} runs done; {len(todo)} to go "
           f"({data.source})", flush=True)
+    for config, seed in order:  # ladder rungs finished before their test was scored
+        rid, target = ex.run_id(config.key, seed), ex.result_dir(args.results, config.key, seed)
+        run_dir = args.runs_dir / rid
+        if (config.test and (config, seed) not in todo and ex.is_complete(run_dir)
+                and not (target / ex.TEST_FILE).is_file()):
+            if evaluate_on_test(run_dir, args.runs_dir / f"{rid}.log", data_flags) != 0:
+                print(f"  {rid}: the test evaluation failed", flush=True)
+                return 1
+            record_machine(run_dir)
+            copy_results(run_dir, target)
+            print(f"  {rid}: test set scored once -> {target / ex.TEST_FILE}", flush=True)
     for n, (config, seed) in enumerate(todo[:args.max_runs], 1):
         rid = ex.run_id(config.key, seed)
         cmd = [sys.executable, "-m", "allcnn_lib",
@@ -104,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0 or not ex.is_complete(run_dir):
             print(f"  {rid} failed (exit {rc}) after {minutes:.1f} min; see {log}", flush=True)
             return 1
+        record_machine(run_dir)
+        if config.test and not (run_dir / ex.TEST_FILE).is_file():
+            if evaluate_on_test(run_dir, log, data_flags) != 0:
+                print(f"  {rid}: the test evaluation failed; see {log}", flush=True)
+                return 1
         copy_results(run_dir, ex.result_dir(args.results, config.key, seed))
         print(f"  {rid} done in {minutes:.1f} min -> "
               f"{ex.result_dir(args.results, config.key, seed)}", flush=True)
