@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allcnn_lib import cli
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_grid_runs_each_configuration_once_per_seed():
     order = ex.run_order()
     keys = [(c.key, s) for c, s in order]
-    assert len(keys) == len(set(keys)) == len(ex.CONFIGS) * len(ex.SEEDS) == 30
+    readme_configs = {k for e in ex.README_EXPERIMENTS for k in ex.EXPERIMENTS[e]}
+    assert len(keys) == len(set(keys)) == len(readme_configs) * len(ex.SEEDS) == 30
     assert keys[:2] == [("baseline", 0), ("baseline", 1)]
     assert all(k in ex.CONFIGS for keys_ in ex.EXPERIMENTS.values() for k in keys_)
     assert ex.EPOCHS * ex.STEPS_PER_EPOCH == ex.BUDGET_BATCHES == 3000
@@ -166,3 +168,77 @@ def test_train_briefly_runs_the_recipe_and_lsuv():
             warnings.simplefilter("error", UserWarning)
             model, loss = ex.train_briefly(x, y, optimizer="rmsprop", init=init, steps=2)
         assert math.isfinite(loss) and model.count_params() == 1_369_738
+
+
+# --------------------------------------------------------------------------- the fast recipe
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("recipe/full", {"batch_norm": True, "schedule": "onecycle", "ema": True, "epochs": 5}),
+    ("recipe/no_bn", {"batch_norm": False, "ema": True}),
+    ("recipe/constant_lr", {"schedule": "constant", "learning_rate": 0.4}),
+    ("recipe/no_whiten", {"whiten_init": False, "ema": True}),
+    ("recipe/no_ema", {"ema": False, "whiten_init": True}),
+    ("recipe/no_label_smoothing", {"label_smoothing": 0.0}),
+    ("recipe/no_augment", {"augment": False}),
+    ("recipe/zero_fill", {"shift_fill": "zero", "max_shift": 4}),
+    ("recipe/batch_128", {"batch_size": 128, "learning_rate": 0.1}),
+    ("recipe/float32", {"mixed_precision": False}),
+    ("recipe/no_normalize", {"normalize": False}),
+    ("recipe/no_class_relu", {"class_relu": False}),
+    ("recipe/ladder_20", {"epochs": 20, "ema": True}),
+])
+def test_each_recipe_configuration_removes_one_trick(key, expected):
+    args = cli.parse_arguments(ex.CONFIGS[key].command(0, "runs"))
+    assert args.recipe == "fast" and args.run_id == ex.run_id(key, 0)
+    assert args.run_id == key.replace("/", "_") + "_seed0"
+    for name, value in expected.items():
+        assert getattr(args, name) == value, (key, name, getattr(args, name))
+    full = cli.parse_arguments(ex.CONFIGS["recipe/full"].command(0, "runs"))
+    differ = {k for k in vars(args) if getattr(args, k) != getattr(full, k)}
+    assert differ - {"run_id", "epochs"} <= set(expected), differ
+
+
+def _fake_recipe_run(folder: Path, val: list[float], *, final: dict, epochs: int,
+                     test: float | None = None) -> None:
+    _fake_run(folder, val, epochs=epochs)
+    config = json.loads((folder / "config.json").read_text())
+    config["run"].update(final=final, seconds=60.0 * epochs, machine="test CPU")
+    (folder / "config.json").write_text(json.dumps(config))
+    history = (folder / "history.csv").read_text().splitlines()
+    rows = [history[0] + ",time"] + [f"{row},60" for row in history[1:]]
+    (folder / "history.csv").write_text("\n".join(rows) + "\n")
+    if test is not None:
+        (folder / ex.TEST_FILE).write_text(json.dumps({"accuracy": test}))
+
+
+def test_recipe_tables_read_the_committed_runs(tmp_path):
+    final = {"val_accuracy": 0.8, "val_accuracy_tta": 0.82, "val_accuracy_ema_stale_bn": 0.7}
+    for seed, v in ((0, 0.80), (1, 0.82)):
+        _fake_recipe_run(tmp_path / "recipe" / "full" / f"seed{seed}", [0.5, 0.7, 0.86, 0.9, v],
+                         final={**final, "val_accuracy": v}, epochs=5, test=0.81)
+    _fake_recipe_run(tmp_path / "recipe" / "no_ema" / "seed0", [0.5] * 5,
+                     final={"val_accuracy": 0.75}, epochs=5)
+    runs = ex.recipe_runs(tmp_path)
+    assert len(runs) == 3 and set(runs["machine"]) == {"test CPU"}
+    table = ex.ablation_table(runs).set_index("config")
+    assert table.loc["full", "val_accuracy"] == pytest.approx(0.81)
+    assert table.loc["no_ema", "difference"] == pytest.approx(-0.06)
+    assert table.loc["full", "seeds"] == 2 and table.loc["full", "minutes"] == 5
+    history = {"time": [60] * 5, "val_accuracy": [0.5, 0.7, 0.86, 0.9, 0.8]}
+    reached = ex.time_to_accuracy(history)
+    assert reached[0.85] == 3 and np.isnan(reached[0.9275])
+    assert ex.recipe_runs(tmp_path / "empty").empty  # no runs yet: an empty table, no error
+
+
+def test_the_runner_records_portable_paths(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("runner", ROOT / "scripts" /
+                                                  "run_experiments.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    config = runner.portable_config({"runs_dir": str(Path.home() / ".cache" / "runs"),
+                                     "data_dir": None,
+                                     "run": {"data_source": str(ROOT / "data" / "x")}})
+    assert config["runs_dir"] == "~/.cache/runs" and config["run"]["data_source"] == "data/x"
