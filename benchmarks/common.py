@@ -119,3 +119,28 @@ def fma_peak(peak: dict | None) -> float | None:
         return None
     r = peak["rows"]["fma loop"]
     return r.get("cpu_time_gflops", r["best_gflops"])
+
+
+def bf16_peak(peak: dict | None) -> float | None:
+    """The bfloat16 dot-product ceiling in GFLOP/s (the ``vdpbf16ps`` loop per second of CPU
+    time), or None where it was not measured or the CPU has no AVX512_BF16."""
+    loop = (peak or {}).get("bf16_dot_loop") or {}
+    return loop.get("cpu_time_gflops") if loop.get("available") else None
+
+
+def conv_macs(model) -> int:
+    """Multiply-adds of one image's forward pass through the ``Conv2D`` layers of a built
+    Keras model (output height x width x kernel height x width x in x out channels).
+
+    For All-CNN-C (paper variant) this is the 0.271 GMAC behind ``TRAIN_GFLOP_PER_IMAGE``;
+    a training step costs ``3 * 2 * conv_macs`` FLOP per image (forward + two backward
+    products)."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, h, w, _ = layer.output.shape
+            kh, kw, cin, cout = layer.kernel.shape
+            total += int(h) * int(w) * int(kh) * int(kw) * int(cin) * int(cout)
+    return total

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from bench_precision import shown_steps
+from bench_recipe import peak_for
 from common import REPO, RESULTS_DIR, TRAIN_GFLOP_PER_IMAGE, fma_peak
 
 DOC = REPO / "docs" / "performance.md"
@@ -24,6 +25,31 @@ IMPL_NAMES = {
     "ours-onednn": "allcnn_lib path, TF_ENABLE_ONEDNN_OPTS=1",
     "torch-loop": "plain PyTorch loop, channels_last",
 }
+RECIPE_NAMES = {
+    "recipe": "recipe path: FusedBatchNormalization, make_dataset + augment + fit",
+    "recipe-stock-bn": "recipe path with Keras' stock BatchNormalization",
+    "torch-loop": "plain PyTorch loop, BatchNorm2d, channels_last",
+    "torch-compile": "the same PyTorch loop through torch.compile",
+}
+#: The "Targets" rows of the recipe path (issue 21); they read "not measured yet" until
+#: ``benchmarks/results/recipe.json`` exists.
+RECIPE_TARGETS = ("recipe path (batch norm", "bfloat16 dot-product peak",
+                  "whole epoch of the recipe")
+NOT_YET = "not measured yet"
+EPOCH_PARTS = (
+    ("setup_s", "fit call to the first step (set-up, on_train_begin, on_epoch_begin)"),
+    ("steps_s", "train steps"),
+    ("first_step_s", "of which the first step (new iterator: shuffle buffer, oneDNN caches)"),
+    ("steps_above_median_s", "of which step time above the epoch's median step (input "
+     "waits, load, noise)"),
+    ("batch_callbacks_s", "batch callbacks (per-batch CSV log, ...)"),
+    ("gaps_between_batches_s", "gaps between a batch's end and the next batch's begin"),
+    ("to_validation_s", "last step to the validation's begin"),
+    ("validation_s", "validation pass"),
+    ("epoch_end_callbacks_s", "epoch-end callbacks: CSV, best/last checkpoints, backup"),
+    ("train_end_s", "train end (EMA weights copied, on_train_end)"),
+    ("unaccounted_s", "unaccounted (a check: should be ~0)"),
+)
 
 
 def load(name: str, folder: Path = RESULTS_DIR) -> dict | None:
@@ -127,8 +153,8 @@ def machine_sentence(flags: dict) -> str:
 
 def summary(folder: Path) -> dict[str, str]:
     """The headline figures of one set of result files (the current one or a history folder)."""
-    speed, lsuv, zca, ev, run = (load(n, folder) for n in
-                                 ("speed", "lsuv", "zca", "eval", "run_all"))
+    speed, lsuv, zca, ev, run, rec = (load(n, folder) for n in
+                                      ("speed", "lsuv", "zca", "eval", "run_all", "recipe"))
     rows = speed_rows(speed)
     machine = (speed or {}).get("machine", {})
     flags = machine.get("flags", {})
@@ -147,6 +173,7 @@ def summary(folder: Path) -> dict[str, str]:
         "ours / torch inference b256": f"{ips('ours', 'infer', 256)} / "
                                        f"{ips('torch-loop', 'infer', 256)}",
         "Keras-JAX train b128": ips("keras-jax", "train", 128),
+        "recipe / torch train b512 (BN, bf16)": recipe_ratio_text(rec, 512),
         "LSUV s": f"{lsuv['median_seconds']['lsuv']:.2f}" if lsuv else "-",
         "ZCA fit s": (f"{min(r['median_wall_s'] for r in zca['fit']):.2f}" if zca else "-"),
         "evaluation s": f"{ev['median_s']:.1f}" if ev else "-",
@@ -175,11 +202,190 @@ def history_section() -> list[str]:
     return out
 
 
+def bf16_peak_row(peak: dict) -> str:
+    """The peak table's row of the ``vdpbf16ps`` loop (or why there is none)."""
+    loop = peak.get("bf16_dot_loop")
+    name = "bf16 dot-product loop (`vdpbf16ps`), per second of thread CPU time"
+    if loop is None:
+        return f"| {name} | {NOT_YET} | `benchmarks/bench_peak.py` |"
+    if not loop.get("available"):
+        return f"| {name} | not available | {loop.get('reason', '?')} |"
+    return (f"| {name} | **{loop['cpu_time_gflops']:.1f}** (wall {loop['gflops']:.1f}, "
+            f"best {loop['best_gflops']:.1f}) | `{loop['compile']}`, 12 independent chains per "
+            "thread, 64 FLOP per instruction (16 lanes x 2 bfloat16 products x 2): the "
+            "ceiling of the mixed_bfloat16 rows |")
+
+
+def recipe_rows(rec: dict | None) -> dict[tuple[str, int], dict]:
+    """(variant, batch) -> row of ``recipe.json``."""
+    return {(r["variant"], r["batch_size"]): r for r in (rec or {}).get("rows", [])}
+
+
+def recipe_fraction(r: dict, peak: dict | None) -> float | None:
+    """A row's GFLOP/s over its ceiling (bfloat16 loop or FMA loop of ``peak.json``; the one
+    recorded with the row when ``peak.json`` lacks it)."""
+    if "images_per_s" not in r:
+        return None
+    _, ceiling = peak_for(r["precision"], peak)
+    ceiling = ceiling or r.get("peak_gflops")
+    return r["images_per_s"] * r["gflop_per_image"] / ceiling if ceiling else None
+
+
+def recipe_ratio_text(rec: dict | None, batch: int) -> str:
+    """'recipe / torch-loop' images/s at ``batch`` (for the history table)."""
+    rows = recipe_rows(rec)
+    a, b = rows.get(("recipe", batch), {}), rows.get(("torch-loop", batch), {})
+    if "images_per_s" not in a or "images_per_s" not in b:
+        return "-"
+    return f"{a['images_per_s']:.1f} / {b['images_per_s']:.1f}"
+
+
+def _error_text(r: dict) -> str:
+    first = r["error"].strip().splitlines()
+    return "error: " + (first[-1] if first else "?")[:160].replace("|", "\\|")
+
+
+def recipe_section(rec: dict | None, peak: dict | None) -> list[str]:
+    """The recipe path (batch norm + mixed_bfloat16) against PyTorch, and a whole epoch."""
+    out = ["## The recipe path: batch norm + mixed_bfloat16, against PyTorch\n"]
+    if not rec:
+        return out + [f"{NOT_YET} (`benchmarks/bench_recipe.py --epoch`, part of "
+                      "`make bench`).\n"]
+    rows, batches = recipe_rows(rec), rec["batches"]
+    prec = rec["precision"]
+    kind = "bfloat16 dot-product loop" if "bfloat16" in prec else "FMA loop"
+    out.append(
+        f"`benchmarks/bench_recipe.py`, {rec['date']}: the model and input pipeline of "
+        f"`allcnn train --recipe fast` in **{prec}**"
+        + ("" if rec.get("bf16_hardware") else " (no bfloat16 hardware here)")
+        + f", each variant in its own process with {rec['threads']} threads; median of "
+        f"{rec['steps']} steps after {rec['warmup']} warm-up steps; whole run load "
+        f"{load_avg(rec)}. Training FLOP per image = 3 x 2 x the conv layers' forward "
+        "multiply-adds, counted from each model; the fractions divide by the "
+        f"{kind} of the peak table. The PyTorch loop trains one batch held in memory; "
+        "the recipe path reads every batch from its tf.data pipeline and keeps an EMA of "
+        "the weights.\n")
+    out.append("| configuration | precision | "
+               + " | ".join(f"batch {b}" for b in batches)
+               + " | % of peak (" + " / ".join(map(str, batches)) + ") | load |")
+    out.append("|---|---|" + "---|" * len(batches) + "---:|---|")
+    for variant, label in RECIPE_NAMES.items():
+        got = [rows.get((variant, b)) for b in batches]
+        if not any(got):
+            continue
+        cells = []
+        for r in got:
+            if r is None:
+                cells.append("not measured")
+            elif "error" in r:
+                cells.append(_error_text(r))
+            else:
+                extra = (f"; compile {r['compile_s']:.0f} s" if r.get("compile_s") else "")
+                cells.append(cell(r).replace(")", extra + ")", 1) if extra else cell(r))
+        fracs = [recipe_fraction(r, peak) if r else None for r in got]
+        frac = " / ".join("-" if f is None else f"{100 * f:.0f}%" for f in fracs)
+        loads = [r["load_average_before"][0] for r in got
+                 if r and "load_average_before" in r]
+        precs = {r["precision"] for r in got if r and "error" not in r}
+        out.append(f"| {label} | {', '.join(sorted(precs)) or '-'} | {' | '.join(cells)} | "
+                   f"{frac} | {min(loads, default=0):.1f}-{max(loads, default=0):.1f} |")
+    out.append("")
+    notes = []
+    for key, text in (("fused_over_stock_bn", "fused batch norm against Keras' own"),
+                      ("recipe_over_torch", "recipe path against the PyTorch loop"),
+                      ("recipe_over_torch_compile", "recipe path against torch.compile")):
+        ratios = rec.get("ratios", {}).get(key) or {}
+        if ratios:
+            notes.append(f"- {text}: " + ", ".join(
+                f"**{v:.2f}x** at batch {b}" for b, v in ratios.items()) + ".")
+    pipes = [(b, rows[("recipe", b)]["pipeline_images_per_s"]) for b in batches
+             if "pipeline_images_per_s" in rows.get(("recipe", b), {})]
+    if pipes:
+        notes.append("- the recipe's input pipeline alone (standardize, reflect-padded "
+                     "shifts, flips, one-hot): " + ", ".join(
+                         f"{v:,.0f} images/s at batch {b}" for b, v in pipes) + ".")
+    out.extend(notes + ([""] if notes else []))
+
+    out.append("### A whole epoch of the recipe\n")
+    ep = rec.get("epoch")
+    if not ep:
+        out.append(f"{NOT_YET} (`benchmarks/bench_recipe.py --epoch`).\n")
+        return out
+    if "error" in ep:
+        out.append(_error_text(ep) + "\n")
+        return out
+    out.append(
+        f"`model.fit` for one epoch of {ep['train_images']:,} training images "
+        f"({ep['steps']} steps of {ep['batch_size']}, {ep['data']}) and the "
+        f"{ep['val_images']:,}-image validation pass, with the callbacks `train()` uses, "
+        f"from the call to its return: **{ep['fit_s']:.1f} s** (load {load_avg(ep)}). A "
+        f"short fit before it (2 steps, 1 validation batch) took {ep['warmup_fit_s']:.1f} s: "
+        "the graph tracing that only a run's first epoch pays. The same pipeline alone "
+        f"produces the epoch's batches in {ep['pipeline_epoch_s']:.1f} s.\n")
+    out.append("| part | seconds | % of the fit |\n|---|---:|---:|")
+    for key, label in EPOCH_PARTS:
+        if key in ep:
+            out.append(f"| {label} | {ep[key]:.2f} | {100 * ep[key] / ep['fit_s']:.1f}% |")
+    out.append("")
+    if ep.get("ideal_s"):
+        out.append(
+            f"{ep['train_images']:,} / the steady-state {ep['steady_images_per_s']:.1f} "
+            f"images/s ({ep['steady_source']}, batch {ep['batch_size']}) = "
+            f"{ep['ideal_s']:.1f} s; the epoch took **{ep['fit_s'] / ep['ideal_s']:.2f}x** "
+            f"that (the epoch's own median step: {ep['own_steady_images_per_s']:.1f} "
+            "images/s).\n")
+    return out
+
+
+def recipe_targets(rec: dict | None, peak: dict | None) -> list[tuple[str, str, object]]:
+    """The Targets rows of issue 21: (target, measured, verdict or bool)."""
+    rows = recipe_rows(rec)
+    batches = (rec or {}).get("batches", [256, 512])
+    prec = (rec or {}).get("precision", "mixed_bfloat16")
+    loop = "bfloat16" if "bfloat16" in prec else "float32"
+    out: list[tuple[str, str, object]] = []
+    for b in batches:
+        name = (f"recipe path (batch norm, {prec}, batch {b}) >= 1.2x the PyTorch {loop} "
+                "loop at the same batch")
+        ours, torch = rows.get(("recipe", b), {}), rows.get(("torch-loop", b), {})
+        if "images_per_s" in ours and "images_per_s" in torch:
+            x = ours["images_per_s"] / torch["images_per_s"]
+            out.append((name, f"{x:.2f}x ({ours['images_per_s']:.1f} vs "
+                              f"{torch['images_per_s']:.1f} img/s)", x >= 1.2))
+        else:
+            out.append((name, NOT_YET, NOT_YET))
+    big = max(batches)
+    name = f"recipe path (batch {big}) >= 70% of the bfloat16 dot-product peak"
+    r = rows.get(("recipe", big), {})
+    frac = recipe_fraction(r, peak) if r else None
+    if rec and loop == "float32":
+        out.append((name, "no bfloat16 hardware here: float32, "
+                    + ("-" if frac is None else f"{100 * frac:.0f}% of the FMA peak"),
+                    "not applicable"))
+    elif frac is not None:
+        gf = r["images_per_s"] * r["gflop_per_image"]
+        out.append((name, f"{100 * frac:.0f}% ({gf:.0f} of {gf / frac:.0f} GFLOP/s)",
+                    frac >= 0.7))
+    else:
+        out.append((name, NOT_YET, NOT_YET))
+    ep = (rec or {}).get("epoch") or {}
+    name = ("whole epoch of the recipe (45,000 + 5,000 validation images) within 10% of "
+            "45,000 / steady-state images/s")
+    if ep.get("ideal_s"):
+        x = ep["fit_s"] / ep["ideal_s"]
+        out.append((name, f"{ep['fit_s']:.0f} s against {ep['ideal_s']:.0f} s "
+                          f"({x:.2f}x; {ep['train_images']:,} training images)", x <= 1.1))
+    else:
+        out.append((name, NOT_YET, NOT_YET))
+    return out
+
+
 def main() -> int:
     """Write the document (and the plot) from the JSON results."""
     peak, speed, prec = load("peak"), load("speed"), load("precision")
     lsuv, zca, ev, nbs, run = load("lsuv"), load("zca"), load("eval"), load("notebooks"), \
         load("run_all")
+    rec = load("recipe")
     rows = speed_rows(speed)
     machine = (speed or peak or {}).get("machine", {})
     vers = (speed or peak or {}).get("versions", {})
@@ -210,7 +416,7 @@ def main() -> int:
     w("")
     w(machine_sentence(flags) + "\n")
 
-    w("## Float32 peak\n")
+    w("## Float32 and bfloat16 peak\n")
     if peak:
         w(f"{peak['threads']} threads, median of repeats (best in brackets); load "
           f"{load_avg(peak)}; {peak['date']}.\n")
@@ -223,6 +429,7 @@ def main() -> int:
             w(f"| fma loop, per second of thread CPU time | "
               f"**{peak['rows']['fma loop']['cpu_time_gflops']:.1f}** | summed over the "
               "threads: the cores' own rate, which other jobs cannot lower |")
+        w(bf16_peak_row(peak))
         w("")
         lanes = 16 if peak["rows"].get("fma loop", {}).get("isa") == "AVX-512F" else 8
         w(f"The fractions below divide by **{fma:.0f} GFLOP/s**, the FMA loop's rate per "
@@ -306,6 +513,8 @@ def main() -> int:
     else:
         w("not measured\n")
 
+    out.extend(recipe_section(rec, peak))
+
     w("## Other timings\n")
     w("| what | measured | load |\n|---|---|---|")
     if lsuv:
@@ -373,6 +582,7 @@ def main() -> int:
             acc += "" if gap is None else f", largest training-loss gap {gap:.3f}"
         t.append(("mixed_bfloat16 >= 1.5x float32, accuracy kept",
                   f"{prec['speedup']:.2f}x{acc}", prec["speedup"] >= 1.5 and kept is not False))
+    t.extend(recipe_targets(rec, peak))
     oi, pi = rows.get(("ours", "infer", 256)), rows.get(("torch-loop", "infer", 256))
     if oi and pi:
         x = oi["images_per_s"] / pi["images_per_s"]
@@ -403,7 +613,7 @@ def main() -> int:
         extra = " (with the notebook suite)" if run.get("notebooks") else ""
         t.append(("`make bench` <= 15 min", f"{minutes:.1f} min{extra}", minutes <= 15))
     for name, value, ok in t:
-        w(f"| {name} | {value} | {verdict(ok)} |")
+        w(f"| {name} | {value} | {ok if isinstance(ok, str) else verdict(ok)} |")
     w("")
     out.extend(history_section())
     notes = REPO / "benchmarks" / "notes.md"

@@ -1,13 +1,16 @@
 """``make bench``: every benchmark in turn, each writing its JSON, then docs/performance.md.
 
-    .venv/bin/python benchmarks/run_all.py [--notebooks] [--accuracy]
+    .venv/bin/python benchmarks/run_all.py [--notebooks] [--accuracy] [--no-recipe-epoch]
 
 The default set includes a mixed_bfloat16 accuracy check: 600 steps on a CPU with bfloat16
 hardware (AVX512_BF16 or AMX), 6 steps elsewhere, where a bfloat16 step takes seconds;
 ``--notebooks`` adds the quick-mode notebook suite (~2-5 min) and ``--accuracy`` lengthens the
 accuracy check to 3000 steps (40 without bfloat16 hardware, ~15 min more there); without
-``--notebooks`` the report keeps the suite's last result. The wall time of the run goes to
-``benchmarks/results/run_all.json``.
+``--notebooks`` the report keeps the suite's last result. The recipe path (``bench_recipe.py``:
+batch norm + mixed_bfloat16 against PyTorch, ~9 min on the 2-core AVX-512 machine of
+2026-11-30, torch.compile's compilation included) includes a whole epoch of the recipe (~4-5
+min more); ``--no-recipe-epoch`` leaves the epoch out (the report then shows no epoch figure).
+The wall time of the run goes to ``benchmarks/results/run_all.json``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def precision_step(accuracy: bool) -> list[str]:
             "--accuracy-steps", "40" if accuracy else "6"]
 
 
-def steps(notebooks: bool, accuracy: bool) -> list[list[str]]:
+def steps(notebooks: bool, accuracy: bool, recipe_epoch: bool = True) -> list[list[str]]:
     """The benchmark command lines (script and arguments) of this run."""
     out = [["bench_peak.py", "--repeats", "3"],
            ["bench_lsuv.py", "--repeats", "3", "--seed-repeats", "1"],
@@ -51,7 +54,8 @@ def steps(notebooks: bool, accuracy: bool) -> list[list[str]]:
            ["bench_eval.py"],
            precision_step(accuracy),
            ["bench_speed.py"],
-           ["profile_step.py"]]
+           ["profile_step.py"],
+           ["bench_recipe.py", *(["--epoch"] if recipe_epoch else [])]]
     if notebooks:
         out.append(["bench_notebooks.py"])
     return out
@@ -62,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--notebooks", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument("--no-recipe-epoch", action="store_true",
+                        help="leave out the whole epoch of the recipe (~4-5 min)")
     args = parser.parse_args(argv)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
     started, load_before, parts, failed = time.perf_counter(), os.getloadavg(), [], []
-    for cmd in steps(args.notebooks, args.accuracy):
+    for cmd in steps(args.notebooks, args.accuracy, not args.no_recipe_epoch):
         print(f"\n=== {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=REPO,
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(RESULTS_DIR / "run_all.json", {
         "date": now(), "seconds": total, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "notebooks": args.notebooks,
-        "accuracy": args.accuracy, "parts": parts})
+        "accuracy": args.accuracy, "recipe_epoch": not args.no_recipe_epoch,
+        "parts": parts})
     print(f"\nmake bench: {total / 60:.1f} min; failed: {', '.join(failed) or 'none'}")
     rc = subprocess.run([sys.executable, str(HERE / "make_report.py")], cwd=REPO,
                         env=env).returncode
