@@ -174,7 +174,11 @@ def test_train_briefly_runs_the_recipe_and_lsuv():
 
 
 @pytest.mark.parametrize("key, expected", [
-    ("recipe/full", {"batch_norm": True, "schedule": "onecycle", "ema": True, "epochs": 5}),
+    ("recipe/full", {"batch_norm": True, "schedule": "onecycle", "ema": True, "epochs": 5,
+                     "bn_momentum": 0.9, "weight_decay": 2.5e-4}),
+    ("recipe/bn_momentum_0.99", {"bn_momentum": 0.99}),
+    ("recipe/weight_decay_5e-4", {"weight_decay": 5e-4}),
+    ("recipe/draft", {"bn_momentum": 0.99, "weight_decay": 5e-4}),
     ("recipe/no_bn", {"batch_norm": False, "ema": True}),
     ("recipe/constant_lr", {"schedule": "constant", "learning_rate": 0.4}),
     ("recipe/no_whiten", {"whiten_init": False, "ema": True}),
