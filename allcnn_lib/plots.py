@@ -66,6 +66,52 @@ def image_grid(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str
     return fig
 
 
+def image_table(rows: Mapping[str, Sequence[np.ndarray]], column_titles: Sequence[str], *,
+                title: str = "", size: float = 1.5) -> Figure:
+    """A table of images: one row per entry of ``rows`` (its label on the left), one column per
+    image, ``column_titles`` above the first row (uint8 HWC, or floats in [0, 1])."""
+    fig, axes = plt.subplots(len(rows), len(column_titles), squeeze=False,
+                             figsize=(size * len(column_titles) + 1.2, size * len(rows) + 0.5))
+    for i, (label, images) in enumerate(rows.items()):
+        for j, image in enumerate(images):
+            ax = axes[i, j]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            if i == 0:
+                ax.set_title(column_titles[j], fontsize=8)
+        axes[i, 0].set_ylabel(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(h_pad=0.3, w_pad=0.2)
+    return fig
+
+
+def tile_images(images: np.ndarray, columns: int, *, pad: int = 1,
+                fill: float = 1.0) -> np.ndarray:
+    """``(N, h, w, 3)`` images in [0, 1] as one mosaic of ``columns`` per row, ``pad`` pixels
+    of ``fill`` between them (for many small images, such as first-layer filters)."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    mosaic = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), fill)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        mosaic[top:top + h, left:left + w] = image
+    return mosaic
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5,
+                 cmap: str = "jet") -> np.ndarray:
+    """``image`` (uint8 HWC) blended with the colour-mapped ``heat`` (HW, scaled to [0, 1]
+    here), as an RGB float image in [0, 1]."""
+    heat = np.asarray(heat, np.float64)
+    span = heat.max() - heat.min()
+    heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    colours = plt.get_cmap(cmap)(heat)[..., :3]
+    return (1 - alpha) * np.asarray(image, np.float64) / 255.0 + alpha * colours
+
+
 # --------------------------------------------------------------------------- data statistics
 
 
