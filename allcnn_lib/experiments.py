@@ -13,6 +13,7 @@ is run once and plotted in each.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Sequence
@@ -83,20 +84,19 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
 #: with one trick removed, each for ``RECIPE_ABLATION_EPOCHS`` epochs on the 45k/5k split.
 RECIPE_ABLATION_EPOCHS = 5
 RECIPE_FLAGS = ("--recipe", "fast", "--epochs", str(RECIPE_ABLATION_EPOCHS))
-_REMOVALS = (
+_REMOVALS = (  # in the order they run; "no EMA" needs no run of its own (ablation_table)
+    ("no_class_relu", "without the ReLU on conv9", ("--class-relu", "0")),
     ("bn_momentum_0.99", "batch-norm momentum 0.99 (Keras' default, not 0.9)",
      ("--bn-momentum", "0.99")),
+    ("batch_128", "batch 128, lr 0.1 (not 512, 0.4)", ("--batch-size", "128", "--lr", "0.1")),
+    ("no_label_smoothing", "without label smoothing", ("--label-smoothing", "0")),
+    ("no_whiten", "without patch-whitening init", ("--no-whiten-init",)),
     ("no_bn", "without batch norm", ("--bn", "0")),
     ("constant_lr", "constant learning rate (no one-cycle)", ("--schedule", "constant")),
-    ("no_whiten", "without patch-whitening init", ("--no-whiten-init",)),
-    ("no_ema", "without EMA of the weights", ("--no-ema",)),
-    ("no_label_smoothing", "without label smoothing", ("--label-smoothing", "0")),
     ("no_augment", "without translations and flips", ("--no-augment",)),
     ("zero_fill", "zero-filled translations (not reflect)", ("--shift-fill", "zero")),
-    ("batch_128", "batch 128, lr 0.1 (not 512, 0.4)", ("--batch-size", "128", "--lr", "0.1")),
     ("float32", "float32 (not mixed bfloat16)", ("--no-mixed-precision",)),
     ("no_normalize", "without per-channel standardization", ("--no-normalize",)),
-    ("no_class_relu", "without the ReLU on conv9", ("--class-relu", "0")),
     ("weight_decay_5e-4", "L2 5e-4 (twice the recipe's 2.5e-4)", ("--weight-decay", "5e-4")),
 )
 CONFIGS.update({c.key: c for c in (
@@ -319,14 +319,16 @@ def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init:
 LADDER_TARGETS = (0.85, 0.9088, 0.9275)
 
 
-RECIPE_COLUMNS = ("config", "label", "seed", "epochs", "val_accuracy", "val_accuracy_tta",
+RECIPE_COLUMNS = ("config", "label", "seed", "epochs", "val_accuracy", "val_accuracy_raw",
+                  "val_accuracy_tta",
                   "val_accuracy_ema_stale_bn", "test_accuracy", "minutes", "machine")
 
 
 def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
     """One row per finished run under ``results/recipe/``: config, label, seed, epochs,
     validation accuracy after the last epoch (plain; EMA weights with batch norm re-estimated
-    when the run used an EMA) and with test-time augmentation, the EMA's accuracy before that
+    when the run used an EMA), of the raw weights with their moving statistics (the last row of
+    ``history.csv``) and with test-time augmentation, the EMA's accuracy before the
     re-estimation, the test accuracy of a ladder rung (``test.json``, else NaN), minutes of wall
     time and the machine."""
     import pandas as pd
@@ -339,10 +341,12 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
             config = json.loads((folder / "config.json").read_text())
             run, final = config["run"], config["run"].get("final", {})
             test = folder / TEST_FILE
+            history = read_csv_columns(folder / "history.csv")
             rows.append({
                 "config": key.removeprefix("recipe/"), "label": CONFIGS[key].label,
                 "seed": int(folder.name.removeprefix("seed")), "epochs": config["epochs"],
                 "val_accuracy": final.get("val_accuracy", np.nan),
+                "val_accuracy_raw": history["val_accuracy"][-1],
                 "val_accuracy_tta": final.get("val_accuracy_tta", np.nan),
                 "val_accuracy_ema_stale_bn": final.get("val_accuracy_ema_stale_bn", np.nan),
                 "test_accuracy": (json.loads(test.read_text())["accuracy"] if test.is_file()
@@ -353,14 +357,22 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
 
 
 def ablation_table(runs):
-    """Per configuration of ``recipe_runs``: validation accuracy (mean over seeds, each seed's
-    value), its difference from the full recipe's mean, and the median wall time."""
+    """Per configuration of the ablation (``EXPERIMENTS["recipe_ablation"]``) in ``recipe_runs``:
+    validation accuracy (mean over seeds, each seed's value), its difference from the full
+    recipe's mean, and the median wall time."""
     import pandas as pd
 
     full = runs.loc[runs["config"] == "full", "val_accuracy"].mean()
     rows = []
-    for config, group in runs[runs["epochs"] == RECIPE_ABLATION_EPOCHS].groupby(
-            "config", sort=False):
+    ablation = [k.removeprefix("recipe/") for k in EXPERIMENTS["recipe_ablation"]]
+    runs = runs[runs["config"].isin(ablation) & (runs["epochs"] == RECIPE_ABLATION_EPOCHS)]
+    # The EMA does not change training (same seed, same steps): the full runs' raw weights at
+    # their last epoch are the recipe without it, and need no run of their own.
+    no_ema = runs[runs["config"] == "full"].assign(
+        config="no_ema", label="without EMA of the weights (the full runs' raw weights)",
+        val_accuracy=lambda r: r["val_accuracy_raw"], val_accuracy_tta=np.nan)
+    runs = pd.concat([runs, no_ema], ignore_index=True) if len(no_ema) else runs
+    for config, group in runs.groupby("config", sort=False):
         mean = group["val_accuracy"].mean()
         rows.append({"config": config, "label": group["label"].iloc[0], "seeds": len(group),
                      "val_accuracy": mean, "difference": mean - full,
@@ -369,6 +381,13 @@ def ablation_table(runs):
                      "minutes": group["minutes"].median()})
     return pd.DataFrame(rows, columns=["config", "label", "seeds", "val_accuracy", "difference",
                                        "per_seed", "val_accuracy_tta", "minutes"])
+
+
+def read_csv_columns(path: str | os.PathLike) -> dict[str, list[float]]:
+    """A CSV file with a header as columns of floats."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {})}
 
 
 def time_to_accuracy(history, targets: Sequence[float] = LADDER_TARGETS) -> dict[float, float]:

@@ -182,7 +182,6 @@ def test_train_briefly_runs_the_recipe_and_lsuv():
     ("recipe/no_bn", {"batch_norm": False, "ema": True}),
     ("recipe/constant_lr", {"schedule": "constant", "learning_rate": 0.4}),
     ("recipe/no_whiten", {"whiten_init": False, "ema": True}),
-    ("recipe/no_ema", {"ema": False, "whiten_init": True}),
     ("recipe/no_label_smoothing", {"label_smoothing": 0.0}),
     ("recipe/no_augment", {"augment": False}),
     ("recipe/zero_fill", {"shift_fill": "zero", "max_shift": 4}),
@@ -218,16 +217,18 @@ def _fake_recipe_run(folder: Path, val: list[float], *, final: dict, epochs: int
 
 def test_recipe_tables_read_the_committed_runs(tmp_path):
     final = {"val_accuracy": 0.8, "val_accuracy_tta": 0.82, "val_accuracy_ema_stale_bn": 0.7}
-    for seed, v in ((0, 0.80), (1, 0.82)):
+    for seed, v in ((0, 0.80), (1, 0.82)):  # raw weights v, their average v + 0.01
         _fake_recipe_run(tmp_path / "recipe" / "full" / f"seed{seed}", [0.5, 0.7, 0.86, 0.9, v],
-                         final={**final, "val_accuracy": v}, epochs=5, test=0.81)
-    _fake_recipe_run(tmp_path / "recipe" / "no_ema" / "seed0", [0.5] * 5,
+                         final={**final, "val_accuracy": v + 0.01}, epochs=5, test=0.81)
+    _fake_recipe_run(tmp_path / "recipe" / "no_whiten" / "seed0", [0.5] * 5,
                      final={"val_accuracy": 0.75}, epochs=5)
     runs = ex.recipe_runs(tmp_path)
     assert len(runs) == 3 and set(runs["machine"]) == {"test CPU"}
+    assert sorted(runs["val_accuracy_raw"]) == pytest.approx([0.5, 0.80, 0.82])
     table = ex.ablation_table(runs).set_index("config")
-    assert table.loc["full", "val_accuracy"] == pytest.approx(0.81)
-    assert table.loc["no_ema", "difference"] == pytest.approx(-0.06)
+    assert table.loc["full", "val_accuracy"] == pytest.approx(0.82)
+    assert table.loc["no_whiten", "difference"] == pytest.approx(-0.07)
+    assert table.loc["no_ema", "difference"] == pytest.approx(-0.01)  # derived, no run
     assert table.loc["full", "seeds"] == 2 and table.loc["full", "minutes"] == 5
     history = {"time": [60] * 5, "val_accuracy": [0.5, 0.7, 0.86, 0.9, 0.8]}
     reached = ex.time_to_accuracy(history)
