@@ -222,8 +222,8 @@ def _run(*args, cwd, timeout=600):
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    proc = _run("train", "--recipe", "fast", "--epochs", "2", "--batch-size", "64", "--limit",
-                "400", "--id", "fast", "--runs-dir", root / "runs", "--backup-dir",
+    proc = _run("train", "--recipe", "fast", "--ema", "--epochs", "2", "--batch-size", "64",
+                "--limit", "400", "--id", "fast", "--runs-dir", root / "runs", "--backup-dir",
                 root / "backup", cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root, root / "runs" / "fast"
