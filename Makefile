@@ -57,6 +57,7 @@ lab: $(SETUP_STAMP)  ## JupyterLab on the notebooks
 data:  ## unpack the full CIFAR-10 (JPEG copy) from ../shared/ into data/ (project machines only)
 	@test -f ../shared/cifar10/unpack.py || { echo "no ../shared/cifar10 here: load_cifar10() downloads the official archive instead"; exit 1; }
 	$(BIN)/python ../shared/cifar10/unpack.py data/
+	$(BIN)/python -m allcnn_lib verify-data --data-dir data  # md5s, labels per class, pixels
 
 sample: $(SETUP_STAMP)  ## rebuild the shipped sample data/cifar10_sample.npz from ../shared/cifar10
 	$(BIN)/python scripts/make_sample.py

@@ -11,26 +11,31 @@ With no subcommand, ``train`` is assumed, so the seed's ``python train.py -id X 
 becomes ``allcnn -id X -train 1``. The seed's single-dash flags (``-id -batchsize -epochs -init
 -retrain -weightspath -train -bn -dropout -f``) are aliases of readable long options.
 
-Exit codes: 0 success; 2 bad flags (argparse); 1 a run-time error (missing weights file,
-unreadable CIFAR-10, weights of another network, ...), reported as one line on stderr,
-``allcnn: error: ...``; set ``ALLCNN_DEBUG=1`` for the traceback.
+Exit codes: 0 success; 2 bad flags (argparse: a value out of range, or not finite, names its
+flag); 1 a run-time error (missing weights file, unreadable CIFAR-10, weights of another
+network, an unwritable output folder, a full disk, a finished run asked to train again, ...),
+reported as one line on stderr, ``allcnn: error: <problem>; <fix>``; 130 Ctrl-C. Checks that
+need no TensorFlow run first, before any folder is made. Set ``ALLCNN_DEBUG=1`` for the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from allcnn_lib.data import CIFAR10Error, load_cifar10
+from allcnn_lib.data import CIFAR10, CIFAR10Error, load_cifar10, verify_data
 from allcnn_lib.recipes import RECIPES, cpu_has_bf16
 
 PROG = "allcnn"
-COMMANDS = ("train", "evaluate", "plot")
+COMMANDS = ("train", "evaluate", "plot", "verify-data")
 
 # Kept in step with allcnn_lib.training (not imported here: it loads TensorFlow, and bad flags
 # or a missing file should fail fast).
@@ -63,6 +68,64 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def _number(low: float, high: float = math.inf, *, open_low: bool = False,
+            open_high: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [low, high] (ends open as asked); argparse puts the
+    flag's name before the message."""
+    lo = f"> {low:g}" if open_low else f">= {low:g}"
+    hi = "" if high == math.inf else (f" and < {high:g}" if open_high else f" and <= {high:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number {lo}{hi}, got {text}")
+        if value < low or (open_low and value == low) or value > high or (
+                open_high and value == high):
+            raise argparse.ArgumentTypeError(f"expected a number {lo}{hi}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high:,}, "
+                                             f"got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _limit(text: str) -> int:
+    value = _positive_int(text)
+    if value % 10:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 10 (a class-balanced subset "
+                                         f"of the 10 classes), got {value}")
+    return value
+
+
+def _run_id(text: str) -> str:
+    if not text or "/" in text or os.sep in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a plain folder name, got {text!r}")
+    return text
+
+
+#: Largest translation in pixels (half the 32-pixel side) for --max-shift and --tta-shift.
+MAX_SHIFT_PX = 16
 
 
 #: Network defaults of ``allcnn train``. The parser's defaults are None, so that ``-train 0``
@@ -102,21 +165,11 @@ def _network(args: argparse.Namespace) -> dict[str, object]:
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="CIFAR-10 location: a cifar-10-batches-py folder, a folder "
                                       "holding one, or the .tar.gz (default: data/)")
-    p.add_argument("--limit", type=_positive_int, metavar="N",
+    p.add_argument("--limit", type=_limit, metavar="N",
                    help="use a class-balanced subset of N images (a multiple of 10)")
     p.add_argument("-f", dest="jupyter_file", metavar="FILE",
                    help="ignored: the seed parsed sys.argv inside Jupyter, whose kernel passes "
                         "-f KERNEL.json; accepted so that such calls still work")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _tta_options(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -126,7 +179,7 @@ def _tta_options(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
                    default=None if evaluate else False,
                    help=f"test-time augmentation in {where}: average the predictions of each "
                         f"image and its horizontal mirror (default: {default})")
-    p.add_argument("--tta-shift", type=_non_negative_int, metavar="PX",
+    p.add_argument("--tta-shift", type=_int_range(0, MAX_SHIFT_PX), metavar="PX",
                    default=None if evaluate else 0,
                    help=f"test-time augmentation in {where}: also average the views translated "
                         f"by (PX, PX) and (-PX, -PX) with reflected borders (default: {default})")
@@ -141,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     from allcnn_lib import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,plot,verify-data}")
 
     t = sub.add_parser("train", allow_abbrev=False, help="train a network (writes runs/<id>/)",
                        description="Train a network on CIFAR-10 and write runs/<id>/: "
                                    "config.json, history.csv, batches.csv, best/last "
                                    "weights, accuracy.png, loss.png. Run the same command "
                                    "again after an interruption to resume.")
-    t.add_argument("-id", "--id", "--run-id", dest="run_id", metavar="ID",
+    t.add_argument("-id", "--id", "--run-id", dest="run_id", metavar="ID", type=_run_id,
                    help="run name: the folder runs/<ID>/ (default: from arch, init, "
                         "optimizer and seed)")
     _model_options(t, training=True)
@@ -162,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight initializer; lsuv = orthogonal + LSUV (default: glorot_uniform)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                    help="sgd (momentum 0.9, Nesterov), rmsprop or adam (default: sgd)")
-    t.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float,
+    t.add_argument("--lr", "--learning-rate", dest="learning_rate",
+                   type=_number(0, open_low=True),
                    help="learning rate (default: sgd 0.01, rmsprop and adam 0.001)")
-    t.add_argument("--rho", type=float, default=0.9,
+    t.add_argument("--rho", type=_number(0, 1, open_high=True), default=0.9,
                    help="RMSprop's rho (default 0.9; 0.0 is the seed's unstable setting)")
     t.add_argument("--schedule", choices=SCHEDULES, default="paper",
                    help="learning-rate schedule: paper (x0.1 at 200/250/300 of 350 epochs, "
@@ -181,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=128, help="batch size (default: 128)")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random shifts of up to 10%% and horizontal flips (default: on)")
-    t.add_argument("--max-shift", type=_non_negative_int, metavar="PX",
+    t.add_argument("--max-shift", type=_int_range(0, MAX_SHIFT_PX), metavar="PX",
                    help="largest translation in pixels (default: 10%% of the side, 3 px)")
     t.add_argument("--shift-fill", choices=("zero", "reflect"), default="zero",
                    help="border of a translated image: zeros, or the image mirrored at its "
@@ -190,9 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialize conv1 with ZCA whitening filters fitted on 3x3 training "
                         "patches (default: off)")
     t.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep an exponential moving average of the weights (momentum 0.99), "
-                        "validate with it and end with it, batch norm re-estimated "
-                        "(default: off)")
+                   help="keep an exponential moving average of the weights (momentum 0.99) "
+                        "and end with it, batch norm re-estimated under it (default: off)")
     t.add_argument("--train-on", choices=("split", "all"), default="split",
                    help="split: 45,000 training + 5,000 validation images; all: train on all "
                         "50,000, no validation, the last epoch is the result (default: split)")
@@ -203,17 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
                    help="the paper's preprocessing: global contrast normalization (norm 55) "
                         "and ZCA whitening fitted on the training split (default: off)")
-    t.add_argument("--zca-epsilon", type=float, default=0.1,
+    t.add_argument("--zca-epsilon", type=_number(0, open_low=True), default=0.1,
                    help="added to the covariance's eigenvalues (default 0.1, the paper's)")
-    t.add_argument("--weight-decay", type=float, default=5e-4,
+    t.add_argument("--bn-momentum", type=_number(0, 1, open_high=True), default=0.99,
+                   help="decay of batch norm's moving statistics (default 0.99, Keras'; 0.9 "
+                        "follows the weights faster, PyTorch's default)")
+    t.add_argument("--weight-decay", type=_number(0), default=5e-4,
                    help="L2 factor on the conv kernels (default 5e-4)")
-    t.add_argument("--label-smoothing", type=float, default=0.0,
+    t.add_argument("--label-smoothing", type=_number(0, 1, open_high=True), default=0.0,
                    help="label smoothing of the cross-entropy (default 0)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0,
+                   help="random seed (default 0)")
     t.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
     t.add_argument("--backup-dir",
                    help="BackupAndRestore folder for resuming "
                         "(default: ~/.cache/allcnn/backup/<id>)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train runs/<id>/ again from scratch even when it holds a finished "
+                        "run (without it, that is refused) or a backup to resume from")
     t.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False,
                    help="train under the mixed_bfloat16 policy (needs a CPU with AVX512_BF16, "
                         "or a GPU)")
@@ -256,7 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/<id>")
     p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
     p.set_defaults(func=cmd_plot)
-    parser.subcommands = {"train": t, "evaluate": e, "plot": p}
+
+    v = sub.add_parser("verify-data", allow_abbrev=False,
+                       help="check CIFAR-10 on disk: md5s, images per class, pixel statistics",
+                       description="Check the CIFAR-10 that train and evaluate would load "
+                                   "(without downloading): each file's md5 against the "
+                                   "official release, its decoded images and labels against "
+                                   "the known copies, the images per class and the pixel "
+                                   "statistics. Exit 1 with one line when something is wrong.")
+    v.add_argument("--data-dir", help="CIFAR-10 location: a cifar-10-batches-py folder, a "
+                                      "folder holding one, or the .tar.gz (default: data/)")
+    v.set_defaults(func=cmd_verify_data)
+    parser.subcommands = {"train": t, "evaluate": e, "plot": p, "verify-data": v}
     return parser
 
 
@@ -323,7 +394,7 @@ def _check_arch_early(weights: Path, arch: str | None) -> None:
             sizes: list[int] = []
             f["layers"].visititems(lambda _, obj: sizes.append(obj.size)
                                    if isinstance(obj, h5py.Dataset) else None)
-            bn = any(key.startswith("batch_normalization") for key in f["layers"])
+            bn = any("batch_normalization" in key for key in f["layers"])
     except Exception:  # unreadable or unusual: the full check reports it
         return
     want = MODEL_NAMES[arch]
@@ -334,8 +405,107 @@ def _check_arch_early(weights: Path, arch: str | None) -> None:
                        f"pass --arch {saved_arch}")
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_writable(folder: str | os.PathLike, flag: str, fix: str | None = None) -> None:
+    """Fail, before anything slow starts, when ``folder`` (to be created if absent) cannot be
+    written: a file in the way, no permission, a read-only file system."""
+    folder = Path(folder).expanduser()
+    fix = fix or f"choose a writable {flag}"
+    existing = _nearest_existing(folder.absolute())
+    if not existing.is_dir():
+        raise CLIError(f"{flag} {folder}: cannot write there ({existing} is a file, not a "
+                       f"folder); {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(existing) else "permission denied"
+        where = "" if existing == folder.absolute() else f" on {existing}"
+        raise CLIError(f"{flag} {folder}: cannot write there ({why}{where}); {fix}")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _read_json(path: Path, what: str) -> dict[str, object]:
+    """A run's JSON file, or a one-line error that names it and the fix."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        problem = (f"not valid JSON (truncated or edited? {err.msg} at line {err.lineno})"
+                   if isinstance(err, json.JSONDecodeError) else
+                   f"unreadable ({getattr(err, 'strerror', None) or err})")
+        raise CLIError(f"{path}: {problem}; {what}") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"{path}: holds a {type(value).__name__}, not a run's settings; {what}")
+    return value
+
+
+def _config_beside(weights: Path) -> dict[str, object] | None:
+    """The config.json beside a weights file (None when there is none), checked before
+    TensorFlow loads, so that a damaged one is one line that names it."""
+    path = weights.parent / "config.json"
+    if not path.is_file():
+        return None
+    return _read_json(path, "it describes the network of " + weights.name + ": restore it, or "
+                            "move it away and give the network's flags (--arch, --bn, "
+                            "--dropout)")
+
+
+def _refuse_finished(run_dir: Path, run_id: str) -> None:
+    """A finished run is never trained again silently: stop with a line that says so."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    fix = (f"pass --overwrite to train it again from scratch, or choose a new --id (e.g. "
+           f"--id {run_id}_2)")
+    run = _read_json(path, f"it belongs to the run in {run_dir}: {fix}").get("run") or {}
+    status = run.get("status") if isinstance(run, dict) else None
+    if status not in ("finished", "terminated_on_nan"):
+        return
+    epochs = run.get("epochs_completed")
+    best = run.get("best_val_accuracy")
+    what = "finished" if status == "finished" else "stopped by a NaN loss"
+    detail = ", ".join(part for part in (
+        f"{epochs} epochs" if epochs is not None else "",
+        f"best val_accuracy {best:.4f}" if isinstance(best, float) else "") if part)
+    raise CLIError(f"run {run_id} in {run_dir} is already {what}"
+                   + (f" ({detail})" if detail else "") + f"; {fix}")
+
+
+def default_run_id(args: argparse.Namespace) -> str:
+    """The run name when ``--id`` is not given (as ``TrainConfig`` names runs)."""
+    return args.run_id or f"{_network(args)['arch']}_{args.init}_{args.optimizer}_seed{args.seed}"
+
+
+def _check_batches(limit: int | None, batch_size: int, train_on: str) -> None:
+    """``--limit`` must leave at least one full training batch (known without the data)."""
+    if limit is None:
+        return
+
+    def train_images(n: int) -> int:
+        return n if train_on == "all" else n - n // 10 // 10 * 10
+
+    if train_images(limit) < batch_size:
+        needed = next(n for n in range(limit, 10 * batch_size + 20, 10)
+                      if train_images(n) >= batch_size)
+        raise CLIError(f"--limit {limit} leaves {train_images(limit)} training images, fewer "
+                       f"than one batch of --batch-size {batch_size}; raise --limit to "
+                       f"{needed} or more, or lower --batch-size")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """``allcnn train``: train (or, with ``-train 0``, evaluate) and print where things went."""
+    """``allcnn train``: train (or, with ``-train 0``, evaluate) and print where things went.
+
+    Everything that can be checked without TensorFlow is checked first, before any folder is
+    made: flag combinations, a finished run in the way, writable output folders, the weights
+    to start from, the data."""
     _note_ignored(args)
     run_dir = Path(args.runs_dir) / (args.run_id or "")
     if not args.do_train:
@@ -348,6 +518,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, tta_flip=None, tta_shift=None, out=None,
             data_dir=args.data_dir, limit=args.limit, jupyter_file=None)
         return cmd_evaluate(eval_args)
+    if args.normalize and args.zca:
+        raise CLIError("--normalize and --zca are two preprocessings: choose one")
+    _check_batches(args.limit, args.batch_size, args.train_on)
+    run_id = default_run_id(args)
+    run_dir = Path(args.runs_dir) / run_id
+    if not args.overwrite:
+        _refuse_finished(run_dir, run_id)
+    _check_writable(args.runs_dir, "--runs-dir")
+    backup_dir = args.backup_dir or Path.home() / ".cache" / "allcnn" / "backup" / run_id
+    _check_writable(backup_dir, "--backup-dir")
     initial = None
     if args.retrain:
         initial = args.weights or (run_dir / "last.weights.h5" if args.run_id else None)
@@ -356,17 +536,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         initial = _require_file(initial)
         _check_arch_early(initial, _network(args)["arch"])
         initial = str(initial)
-    if args.normalize and args.zca:
-        raise CLIError("--normalize and --zca are two preprocessings: choose one")
     mixed_precision = _resolve_mixed_precision(args.mixed_precision)
-    data = load_cifar10(args.data_dir, limit=args.limit, seed=args.seed,
-                        validation_size=0 if args.train_on == "all" else None)
+    data = _load_data(args.data_dir, args.limit, limit=args.limit, seed=args.seed,
+                      validation_size=0 if args.train_on == "all" else None)
+    if len(data.y_train) < args.batch_size:
+        raise CLIError(f"{len(data.y_train)} training images (from {data.source}) make no "
+                       f"batch of --batch-size {args.batch_size}; lower --batch-size")
 
     _import_tensorflow_quietly()
     from allcnn_lib.training import TrainConfig, train
 
     config = TrainConfig(
-        run_id=args.run_id, **_network(args), init=args.init, optimizer=args.optimizer,
+        run_id=run_id, **_network(args), init=args.init, optimizer=args.optimizer,
         learning_rate=args.learning_rate, rho=args.rho, schedule=args.schedule,
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         augment=args.augment, normalize=args.normalize, zca=args.zca,
@@ -378,17 +559,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         **({} if args.max_shift is None else {"max_shift": args.max_shift}),
         shift_fill=args.shift_fill, whiten_init=args.whiten_init, ema=args.ema,
         train_on=args.train_on, tta_flip=args.tta_flip, tta_shift=args.tta_shift,
-        recipe=args.recipe)
+        bn_momentum=args.bn_momentum, recipe=args.recipe)
     print(f"run {config.run_id}: {config.arch} ({config.variant}), {len(data.y_train)} "
           f"training / {len(data.y_val)} validation images from {data.source}", flush=True)
-    result = train(config, data)
+    result = train(config, data, overwrite=args.overwrite)
     print(result, flush=True)
     if result.terminated_on_nan:
-        raise CLIError(f"the loss became NaN; training stopped after "
-                       f"{result.epochs_completed} epochs (lower the learning rate)")
+        good = result.epochs_completed - 1
+        kept = (f"the checkpoints of epoch {good} are kept" if good > 0 else
+                "no checkpoint was written")
+        raise CLIError(f"the loss became NaN in epoch {good + 1}; training stopped and {kept} "
+                       f"(a NaN checkpoint never replaces a good one); lower the learning rate "
+                       f"and run again with --overwrite or a new --id")
     print(f"files in {result.run_dir}: "
           + ", ".join(sorted(p.name for p in result.files.values())), flush=True)
     return 0
+
+
+def _load_data(data_dir: str | None, limit_flag: int | None, **kwargs: object) -> CIFAR10:
+    """``load_cifar10`` with messages that name the flags the user passed."""
+    try:
+        return load_cifar10(data_dir, path_name="--data-dir", **kwargs)
+    except ValueError as err:  # a --limit the data cannot fill
+        if limit_flag is None:
+            raise
+        raise CLIError(f"--limit {limit_flag}: {err}; lower --limit") from None
 
 
 def _resolve_mixed_precision(value: bool | str) -> bool:
@@ -412,8 +607,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``allcnn evaluate``: the seed's test.sh: test accuracy, loss, per-class accuracy."""
     _note_ignored(args)
     weights = _require_file(args.weights)
+    _config_beside(weights)
     _check_arch_early(weights, args.arch)
-    data = load_cifar10(args.data_dir, test_limit=args.limit, validation_size=0)
+    out = Path(args.out) if args.out else weights.parent / "confusion_matrix.png"
+    if args.out:
+        _check_writable(out.parent, "--out")
+    else:
+        _check_writable(out.parent, "the weights' folder",
+                        "pass --out PATH to write the confusion matrix elsewhere")
+    data = _load_data(args.data_dir, args.limit, test_limit=args.limit, validation_size=0)
 
     _import_tensorflow_quietly()
     from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
@@ -429,7 +631,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model, data.x_test, data.y_test, args.batch_size,
                       preprocess=run_preprocess(weights), class_names=data.class_names,
                       flip=flip, shift=shift)
-    out = Path(args.out) if args.out else weights.parent / "confusion_matrix.png"
     print(f"weights: {weights} ({model.name}, {model.count_params():,} params)")
     tta = [name for name, on in (("flip", flip), (f"{shift} px translations", shift)) if on]
     print(f"test images: {result.n} from {data.source}"
@@ -463,11 +664,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_data(args: argparse.Namespace) -> int:
+    """``allcnn verify-data``: check the CIFAR-10 files on disk (``data.verify_data``)."""
+    report = verify_data(args.data_dir, path_name="--data-dir")
+    print("\n".join(report.lines()), flush=True)
+    if report.problems:
+        for problem in report.problems[1:]:
+            print(f"problem: {problem}")
+        more = len(report.problems) - 1
+        raise CLIError(report.problems[0] + (f" (and {more} more, listed above)" if more else ""))
+    matches = sorted({b.match for b in report.batches if b.match})
+    print(f"data OK: {', '.join(matches) or 'counts and statistics as expected'}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """``allcnn plot RUN_DIR``: redraw accuracy.png and loss.png."""
     run_dir = Path(args.run_dir)
     if not (run_dir / "history.csv").is_file():
         raise CLIError(f"{run_dir}: no history.csv (not a training run folder?)")
+    _check_writable(args.out or run_dir, "--out")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -498,7 +714,22 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     if isinstance(err, KeyError) and err.args:
         text = str(err.args[0])
+    if isinstance(err, OSError) and text.startswith("[Errno"):  # the system's own wording
+        text = _os_error(err)
     return " ".join(text.split("\n")[0].split())
+
+
+def _os_error(err: OSError) -> str:
+    """An operating-system error as ``<problem>; <fix>``."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return (f"{where}no space left on device; free some space, then run the same command "
+                "again (a training run resumes from its last completed epoch)")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{err.strerror.lower()}; check the path and its permissions"
+    if isinstance(err, FileNotFoundError):
+        return f"{where}no such file or folder; check the path"
+    return f"{where}{err.strerror or err}"
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -523,12 +754,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        resume = ("; run the same command again to resume from the last completed epoch"
+                  if args.command == "train" and args.do_train else "")
+        print(f"{PROG}: interrupted{resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `allcnn evaluate ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (CLIError, CIFAR10Error, FileNotFoundError, ValueError) as err:
+    except (CLIError, CIFAR10Error, OSError, ValueError) as err:
         if os.environ.get("ALLCNN_DEBUG"):
             raise
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)

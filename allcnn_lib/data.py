@@ -7,7 +7,7 @@
 2. the ``CIFAR10_DIR`` environment variable (same forms);
 3. ``data/cifar-10-batches-py/``;
 4. ``data/cifar-10-python.tar.gz``;
-5. Keras' download of the official archive (URL and md5 checked), cached as ``data/`` item 4;
+5. a download of the official archive (urllib; URL and md5 checked), cached as ``data/`` item 4;
 6. if the download fails, the small balanced sample shipped in ``data/cifar10_sample.npz``, with a
    one-line notice that says how to get the full set.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -47,12 +48,45 @@ BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
+#: md5 of each file of the official release (as published with the archive; torchvision checks
+#: the same values).
+OFFICIAL_BATCH_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+
+#: ``batch_digest`` of each batch of the copies whose pixels differ from the official release:
+#: the JPEG copy the project machines carry (``../shared/cifar10/unpack.py``, ``make data``).
+#: A digest covers the decoded images and labels, not the pickle's bytes, so it does not depend
+#: on the numpy version that wrote the file.
+KNOWN_COPIES = {
+    "CIFAR-10 (JPEG copy)": {
+        "data_batch_1": "56b8bb1ce1a9e0ff38c303a967d6ef00",
+        "data_batch_2": "0215fa9a6db593a0007886bc4850b515",
+        "data_batch_3": "153fc3e8a33ad6ee4dcc85311d696a66",
+        "data_batch_4": "84c187115315b725bb1fcb043860a352",
+        "data_batch_5": "9934fa78293b310f8b3d4e9522e492e2",
+        "test_batch": "be5df2a31106e0aa14cbd22565ea7733",
+    },
+}
+
+#: Per-channel pixel mean and standard deviation (0-255) of the official training images; the
+#: JPEG copy is within 1 of each. ``verify_data`` allows ``STATS_TOLERANCE``.
+EXPECTED_MEAN = (125.3, 123.0, 113.9)
+EXPECTED_STD = (63.0, 62.1, 66.7)
+STATS_TOLERANCE = 4.0
+
 #: The shipped sample, written by ``scripts/make_sample.py`` (2,000 train, 1,000 test images).
 SAMPLE_NAME = "cifar10_sample.npz"
 SAMPLE_MD5 = "872ba65ab4eb8e2329cf18a0cec48fc1"
 
 #: The repository's ``data/`` folder (the package is installed in editable mode from the repo).
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+REPOSITORY = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPOSITORY / "data"
 
 GET_FULL_SET = (
     "to get the full set, connect to the internet and run load_cifar10() once (it downloads "
@@ -63,6 +97,18 @@ GET_FULL_SET = (
 
 class CIFAR10Error(RuntimeError):
     """CIFAR-10 data that is missing, corrupt or malformed; the message names the file and fix."""
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as committed files and printed logs record it: relative to the repository when
+    inside it, ``~/...`` when inside the home folder, else as given (no machine's absolute
+    paths)."""
+    resolved = Path(path).expanduser().resolve()
+    for root, prefix in ((REPOSITORY, ""), (Path.home().resolve(), "~/")):
+        if resolved.is_relative_to(root):
+            return prefix + str(resolved.relative_to(root)) if resolved != root else (
+                prefix.rstrip("/") or ".")
+    return str(path)
 
 
 @dataclass
@@ -76,7 +122,7 @@ class CIFAR10:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...] = CLASS_NAMES
-    source: str = ""
+    source: str = ""  # where the data came from, as ``portable_path`` writes it
     is_sample: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -88,6 +134,23 @@ class CIFAR10:
 
 # --------------------------------------------------------------------------- raw readers
 
+
+
+#: The path settings of a run's ``config.json`` (``training.TrainConfig``).
+PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
+
+
+def portable_config(config: dict) -> dict:
+    """A copy of a run's ``config.json`` with its paths (``PATH_FIELDS`` and the run's data
+    source) as ``portable_path`` records them, for files that are committed."""
+    config = json.loads(json.dumps(config))
+    for key in PATH_FIELDS:
+        if config.get(key):
+            config[key] = portable_path(config[key])
+    run = config.get("run") or {}
+    if run.get("data_source"):
+        run["data_source"] = portable_path(run["data_source"])
+    return config
 
 def rows_to_images(rows: np.ndarray) -> np.ndarray:
     """Official rows (N, 3072), channel-first (1024 R, 1024 G, 1024 B), to uint8 (N, 32, 32, 3).
@@ -103,6 +166,30 @@ def rows_to_images(rows: np.ndarray) -> np.ndarray:
 
 def _bad_file(name: str, problem: str, fix: str) -> CIFAR10Error:
     return CIFAR10Error(f"{name}: {problem}. Fix: {fix}")
+
+
+def _unreadable(path: Path, err: OSError, fix: str) -> CIFAR10Error:
+    """The one-line error for a data file the operating system refuses to read."""
+    if isinstance(err, PermissionError):
+        return CIFAR10Error(f"{path}: permission denied (this user cannot read it). Fix: "
+                            f"chmod a+r {path}, or run as the user who owns it")
+    return CIFAR10Error(f"{path}: cannot be read ({err.strerror or err}). Fix: {fix}")
+
+
+def read_file(path: Path, fix: str) -> bytes:
+    """The bytes of a data file; an OS-level failure (permission, I/O) is one ``CIFAR10Error``."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise _unreadable(path, err, fix) from None
+
+
+def batch_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """md5 of a batch's decoded uint8 images and its labels (int64, little-endian): what
+    ``KNOWN_COPIES`` records, independent of how the file was pickled."""
+    digest = hashlib.md5(np.ascontiguousarray(images, np.uint8).tobytes())
+    digest.update(np.asarray(labels).astype("<i8").tobytes())
+    return digest.hexdigest()
 
 
 def parse_batch(raw: bytes, name: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +232,7 @@ def read_batches_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         raise CIFAR10Error(f"{folder}: missing {', '.join(missing)}. Fix: {fix}")
 
     def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        return parse_batch((folder / name).read_bytes(), str(folder / name), fix)
+        return parse_batch(read_file(folder / name, fix), str(folder / name), fix)
 
     x_train, y_train = _concat(read(n) for n in TRAIN_BATCHES)
     x_test, y_test = read(TEST_BATCH)
@@ -153,8 +240,18 @@ def read_batches_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def read_archive(archive: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Read the official ``cifar-10-python.tar.gz`` without unpacking it to disk."""
+    """Read the official ``cifar-10-python.tar.gz`` without unpacking it to disk.
+
+    A file with the official archive's name must be the official archive (md5 ``CIFAR10_MD5``)
+    or hold the batches of a copy in ``KNOWN_COPIES``: a flipped byte is caught here, not
+    trained on.
+    """
     fix = f"delete {archive} and download it again (load_cifar10() does), or unpack it by hand"
+    try:
+        md5 = md5sum(archive)
+    except OSError as err:
+        raise _unreadable(archive, err, fix) from None
+    batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -162,17 +259,31 @@ def read_archive(archive: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
             if missing:
                 raise CIFAR10Error(f"{archive}: the archive lacks {', '.join(missing)}. "
                                    f"Fix: {fix}")
-
-            def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+            for name in (*TRAIN_BATCHES, TEST_BATCH):
                 raw = tar.extractfile(members[name]).read()
-                return parse_batch(raw, f"{archive}:{name}", fix)
-
-            x_train, y_train = _concat(read(n) for n in TRAIN_BATCHES)
-            x_test, y_test = read(TEST_BATCH)
+                batches[name] = parse_batch(raw, f"{archive}:{name}", fix)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise CIFAR10Error(f"{archive}: not a readable .tar.gz ({type(err).__name__}: {err}). "
                            f"Fix: {fix}") from None
+    if archive.name == ARCHIVE_NAME and md5 != CIFAR10_MD5:
+        digests = {name: batch_digest(*xy) for name, xy in batches.items()}
+        if known_copy(digests) is None:
+            raise CIFAR10Error(
+                f"{archive}: md5 is {md5}, not the official archive's {CIFAR10_MD5}, and its "
+                "batches match no known copy (corrupt or modified). Fix: delete it and download "
+                "it again; to use a copy of your own, unpack it and pass its "
+                f"{BATCHES_DIR}/ folder (allcnn verify-data checks it)")
+    x_train, y_train = _concat(batches[n] for n in TRAIN_BATCHES)
+    x_test, y_test = batches[TEST_BATCH]
     return x_train, y_train, x_test, y_test
+
+
+def known_copy(digests: dict[str, str]) -> str | None:
+    """The name of the copy in ``KNOWN_COPIES`` whose every batch has these digests, or None."""
+    for name, known in KNOWN_COPIES.items():
+        if all(digests.get(batch) == digest for batch, digest in known.items()):
+            return name
+    return None
 
 
 def decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -202,7 +313,11 @@ def read_sample(path: Path, expected_md5: str | None = SAMPLE_MD5
     fix = "restore it with `git checkout data/cifar10_sample.npz` (see data/README.md)"
     if not path.is_file():
         raise CIFAR10Error(f"{path}: the shipped sample is missing. Fix: {fix}")
-    if expected_md5 is not None and (got := md5sum(path)) != expected_md5:
+    try:
+        got = md5sum(path) if expected_md5 is not None else None
+    except OSError as err:
+        raise _unreadable(path, err, fix) from None
+    if expected_md5 is not None and got != expected_md5:
         raise CIFAR10Error(f"{path}: md5 is {got}, expected {expected_md5} (corrupt or "
                            f"modified file). Fix: {fix}")
     try:
@@ -211,6 +326,8 @@ def read_sample(path: Path, expected_md5: str | None = SAMPLE_MD5
             for split in ("train", "test"):
                 x = decode_jpegs(z[f"{split}_jpeg"], z[f"{split}_offsets"])
                 out += [x, z[f"{split}_labels"].astype(np.int64)]
+    except PermissionError as err:
+        raise _unreadable(path, err, fix) from None
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
         raise CIFAR10Error(f"{path}: not a readable sample ({type(err).__name__}: {err}). "
                            f"Fix: {fix}") from None
@@ -220,16 +337,24 @@ def read_sample(path: Path, expected_md5: str | None = SAMPLE_MD5
 # --------------------------------------------------------------------------- download
 
 
-def _keras_download(directory: Path) -> Path:
-    """Download the official archive into ``directory`` with Keras, md5 checked."""
-    import keras
-
-    return Path(keras.utils.get_file(fname=ARCHIVE_NAME, origin=CIFAR10_URL,
-                                     file_hash=CIFAR10_MD5, hash_algorithm="md5",
-                                     cache_dir=str(directory), cache_subdir="."))
+#: Seconds to wait for the server to answer before giving up (offline machines fail at once).
+DOWNLOAD_TIMEOUT = 20
 
 
-def download_cifar10(data_dir: Path, downloader: Callable[[Path], Path] = _keras_download
+def _http_download(directory: Path) -> Path:
+    """Download the official archive into ``directory`` (urllib; no TensorFlow start-up)."""
+    import urllib.request
+
+    target = directory / ARCHIVE_NAME
+    with urllib.request.urlopen(CIFAR10_URL, timeout=DOWNLOAD_TIMEOUT) as response:
+        print(f"downloading {CIFAR10_URL} (163 MB) into {portable_path(directory.parent)}/",
+              file=sys.stderr, flush=True)
+        with open(target, "wb") as fh:
+            shutil.copyfileobj(response, fh, length=1 << 20)
+    return target
+
+
+def download_cifar10(data_dir: Path, downloader: Callable[[Path], Path] = _http_download
                      ) -> Path:
     """Download ``cifar-10-python.tar.gz`` into ``data_dir``, atomically.
 
@@ -316,9 +441,10 @@ def _explicit(path: Path, origin: str) -> Path:
     found = _resolve(path)
     if found is None:
         what = "does not exist" if not path.exists() else "holds no CIFAR-10 data"
+        drop = "unset it" if origin.startswith("$") else "leave it out"
         raise CIFAR10Error(f"{path} (from {origin}) {what}: expected a {BATCHES_DIR}/ folder, "
                            f"a folder holding one, or {ARCHIVE_NAME}. Fix: point {origin} at the "
-                           "data, or unset it to use data/")
+                           f"data, or {drop} to use data/")
     return found
 
 
@@ -339,7 +465,8 @@ def load_cifar10(
     allow_sample: bool = True,
     sample: bool | None = None,
     verbose: bool = True,
-    downloader: Callable[[Path], Path] = _keras_download,
+    downloader: Callable[[Path], Path] = _http_download,
+    path_name: str = "the path argument",
 ) -> CIFAR10:
     """Load CIFAR-10 as uint8 NHWC images, int64 labels and class names.
 
@@ -353,12 +480,13 @@ def load_cifar10(
             validation split). ``test_limit``: the same for the test set.
         seed: seed of the subsets and of the validation split.
         data_dir: where to look for and cache the data (default: the repository's ``data/``).
-        download: try Keras' download of the official archive when nothing is found locally.
+        download: download the official archive when nothing is found locally.
         allow_sample: fall back to the shipped sample when the full set cannot be had.
         sample: True forces the shipped sample; None (default) uses it when ``ALLCNN_QUICK``
             is set, False never forces it.
         verbose: print the one-line notice when the sample is used in place of the full set.
         downloader: the download function (tests pass one that fails, to mimic no network).
+        path_name: how messages name ``path`` (the command line passes ``"--data-dir"``).
 
     Raises:
         CIFAR10Error: data missing, corrupt, of the wrong shape, or not downloadable (with
@@ -372,7 +500,7 @@ def load_cifar10(
     if use_sample:
         source = data_dir / SAMPLE_NAME
     elif path is not None:
-        source = _explicit(Path(path), "the path argument")
+        source = _explicit(Path(path), path_name)
     elif os.environ.get("CIFAR10_DIR"):
         source = _explicit(Path(os.environ["CIFAR10_DIR"]), "$CIFAR10_DIR")
     else:
@@ -390,8 +518,8 @@ def load_cifar10(
                                    f"{ARCHIVE_NAME}) and download is off. Fix: {GET_FULL_SET}")
             source = data_dir / SAMPLE_NAME
             use_sample = True
-            notice = ("Notice: full CIFAR-10 not found and not downloadable; using the shipped "
-                      f"sample (2,000 train / 1,000 test images). For the full set: "
+            notice = ("Notice: no full CIFAR-10 here and no download possible; using the "
+                      "shipped sample (2,000 training / 1,000 test images); "
                       f"{GET_FULL_SET}.")
             notes.append(notice)
             if verbose:
@@ -415,5 +543,167 @@ def load_cifar10(
         x_train=x_pool[train_idx], y_train=y_pool[train_idx],
         x_val=x_pool[val_idx], y_val=y_pool[val_idx],
         x_test=x_test, y_test=y_test,
-        class_names=CLASS_NAMES, source=str(source), is_sample=use_sample, notes=notes,
+        class_names=CLASS_NAMES, source=portable_path(source), is_sample=use_sample,
+        notes=notes,
     )
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class BatchCheck:
+    """What ``verify_data`` found in one batch file."""
+
+    name: str
+    md5: str  # of the file's bytes
+    digest: str  # ``batch_digest`` of its decoded images and labels
+    images: int
+    class_counts: np.ndarray  # images per class
+    pixel_histogram: np.ndarray  # (3, 256): pixel values per channel
+    match: str | None  # "official release", a ``KNOWN_COPIES`` name, or None
+
+
+@dataclass
+class DataReport:
+    """``verify_data``'s findings: each batch, the problems (empty: the data is sound) and
+    notes that are no error."""
+
+    source: str
+    batches: list[BatchCheck]
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """The report as printed by ``allcnn verify-data``."""
+        out = [f"CIFAR-10 at {self.source}",
+               f"  {'file':13s} {'images':>7s}  {'md5':32s}  {'matches':22s}  images per class"]
+        for b in self.batches:
+            out.append(f"  {b.name:13s} {b.images:7,d}  {b.md5}  {b.match or 'nothing known':22s}"
+                       f"  {' '.join(str(int(c)) for c in b.class_counts)}")
+        for split, names in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
+            part = [b for b in self.batches if b.name in names]
+            counts = sum(b.class_counts for b in part)
+            mean, std = histogram_stats(sum(b.pixel_histogram for b in part))
+            out.append(f"{split}: {int(counts.sum()):,} images, per class "
+                       f"{int(counts.min()):,} to {int(counts.max()):,}; pixel mean (R, G, B) "
+                       f"{_triple(mean)}, std {_triple(std)}")
+        out += [f"note: {n}" for n in self.notes]
+        return out
+
+
+def _triple(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"
+
+
+def histogram_stats(histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of pixel values from (3, 256) value counts."""
+    values = np.arange(256, dtype=np.float64)
+    n = histogram.sum(axis=1)
+    mean = histogram @ values / n
+    var = histogram @ values**2 / n - mean**2
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def _check_batch(name: str, raw: bytes, where: str, fix: str) -> BatchCheck:
+    images, labels = parse_batch(raw, where, fix)
+    md5 = hashlib.md5(raw).hexdigest()
+    digest = batch_digest(images, labels)
+    match = None
+    if OFFICIAL_BATCH_MD5.get(name) == md5:
+        match = "official release"
+    else:
+        match = next((copy for copy, known in KNOWN_COPIES.items()
+                      if known.get(name) == digest), None)
+    histogram = np.stack([np.bincount(images[..., c].ravel(), minlength=256)
+                          for c in range(3)])
+    return BatchCheck(name, md5, digest, len(labels),
+                      np.bincount(labels, minlength=NUM_CLASSES), histogram, match)
+
+
+def verify_data(path: str | os.PathLike | None = None, *,
+                data_dir: str | os.PathLike | None = None,
+                path_name: str = "the path argument") -> DataReport:
+    """Check CIFAR-10 found on disk (as ``load_cifar10`` finds it, without download or sample):
+    each batch file's md5 against the official release and its decoded images and labels
+    against the copies in ``KNOWN_COPIES``; images per class (equal in each split); and the
+    per-channel pixel mean and std of the training images against the official ones.
+
+    A batch that matches nothing while the others match one release is corrupt (a flipped
+    byte); data that matches nothing known is checked by its counts and statistics only.
+    Raises ``CIFAR10Error`` when no data is found or a file cannot be read at all.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if path is not None:
+        source = _explicit(Path(path), path_name)
+    elif os.environ.get("CIFAR10_DIR"):
+        source = _explicit(Path(os.environ["CIFAR10_DIR"]), "$CIFAR10_DIR")
+    else:
+        source = _resolve(data_dir / BATCHES_DIR) or _resolve(data_dir / ARCHIVE_NAME)
+        if source is None:
+            raise CIFAR10Error(f"{data_dir}: no CIFAR-10 here ({BATCHES_DIR}/ or {ARCHIVE_NAME}) "
+                               f"to verify. Fix: {GET_FULL_SET}")
+    notes: list[str] = []
+    problems: list[str] = []
+    names = (*TRAIN_BATCHES, TEST_BATCH)
+    if source.is_file() and source.suffix == ".npz":
+        raise CIFAR10Error(f"{source}: the shipped sample is checked by its md5 whenever it "
+                           "loads. Fix: pass a full CIFAR-10 folder or archive")
+    if source.is_file():
+        fix = f"delete {source} and download it again"
+        try:
+            archive_md5 = md5sum(source)
+            with tarfile.open(source, "r:gz") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                missing = [n for n in names if n not in members]
+                if missing:
+                    raise CIFAR10Error(f"{source}: the archive lacks {', '.join(missing)}. "
+                                       f"Fix: {fix}")
+                batches = [_check_batch(n, tar.extractfile(members[n]).read(),
+                                        f"{source}:{n}", fix) for n in names]
+        except OSError as err:
+            raise _unreadable(source, err, fix) from None
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            raise CIFAR10Error(f"{source}: not a readable .tar.gz ({type(err).__name__}: "
+                               f"{err}). Fix: {fix}") from None
+        if archive_md5 == CIFAR10_MD5:
+            notes.append(f"the archive is the official one (md5 {CIFAR10_MD5})")
+    else:
+        fix = f"delete {source} and download or unpack CIFAR-10 again (see data/README.md)"
+        missing = [n for n in names if not (source / n).is_file()]
+        if missing:
+            raise CIFAR10Error(f"{source}: missing {', '.join(missing)}. Fix: {fix}")
+        batches = [_check_batch(n, read_file(source / n, fix), str(source / n), fix)
+                   for n in names]
+
+    matches = {b.match for b in batches}
+    if matches == {None}:
+        notes.append("these files are neither the official release nor a copy this tool "
+                     "knows, so their bytes cannot be checked: only counts and statistics were")
+    elif None in matches:
+        known = next(m for m in matches if m)
+        for b in batches:
+            if b.match is None:
+                problems.append(f"{source}/{b.name}: its contents differ from {known}, which "
+                                f"the other batches match (md5 {b.md5}): corrupt or modified. "
+                                f"Fix: {fix}")
+    for split, part in (("training", batches[:-1]), ("test", batches[-1:])):
+        counts = sum(b.class_counts for b in part)
+        if counts.min() != counts.max():
+            problems.append(f"{source}: {split} images per class are "
+                            f"{', '.join(str(int(c)) for c in counts)}, not equal (labels "
+                            f"corrupt). Fix: {fix}")
+    train_images = sum(b.images for b in batches[:-1])
+    if train_images >= 10_000:  # statistics of a full-size set, not of a toy one
+        mean, std = histogram_stats(sum(b.pixel_histogram for b in batches[:-1]))
+        off = np.abs(np.concatenate([mean - EXPECTED_MEAN, std - EXPECTED_STD]))
+        if off.max() > STATS_TOLERANCE:
+            problems.append(f"{source}: training pixel mean {_triple(mean)} and std "
+                            f"{_triple(std)} are far from CIFAR-10's {_triple(EXPECTED_MEAN)} "
+                            f"and {_triple(EXPECTED_STD)}: not CIFAR-10 images, or corrupt. "
+                            f"Fix: {fix}")
+    return DataReport(portable_path(source), batches, problems, notes)

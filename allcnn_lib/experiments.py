@@ -99,7 +99,8 @@ _REMOVALS = (  # in the order they run; "no EMA" needs no run of its own (ablati
     ("no_normalize", "without per-channel standardization", ("--no-normalize",)),
     ("weight_decay_5e-4", "L2 5e-4 (twice the recipe's 2.5e-4)", ("--weight-decay", "5e-4")),
 )
-CONFIGS.update({c.key: c for c in (
+#: The recipe's configurations (``make recipe``); kept apart from the README experiments'.
+RECIPE_CONFIGS: dict[str, Config] = {c.key: c for c in (
     Config("recipe/full", "fast recipe", (), RECIPE_FLAGS, test=True),
     *(Config(f"recipe/{key}", label, flags, RECIPE_FLAGS) for key, label, flags in _REMOVALS),
     *(Config(f"recipe/ladder_{e}", f"fast recipe, {e} epochs", ("--epochs", str(e)),
@@ -108,7 +109,7 @@ CONFIGS.update({c.key: c for c in (
     # statistics: Keras' momentum 0.99 and L2 5e-4 (run as recipe_full_seed0 before the fix).
     Config("recipe/draft", "first draft: batch-norm momentum 0.99 and L2 5e-4",
            ("--bn-momentum", "0.99", "--weight-decay", "5e-4"), RECIPE_FLAGS),
-)})
+)}
 
 #: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
 #: all Glorot uniform (its -init flag never reached the model), so the baseline is that.
@@ -119,9 +120,8 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "regularization": ("baseline", "batch_norm", "batch_norm_dropout", "no_dropout"),
     "optimizers": ("baseline", "rmsprop_rho0", "rmsprop", "adam"),
 }
-#: The four experiments of the seed repository's README (``make experiments``).
-README_EXPERIMENTS = tuple(EXPERIMENTS)
-EXPERIMENTS |= {
+#: The fast recipe's ablation and time-to-accuracy ladder (``make recipe``).
+RECIPE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "recipe_ablation": ("recipe/full", *(f"recipe/{key}" for key, _, _ in _REMOVALS)),
     "recipe_ladder": ("recipe/ladder_10", "recipe/ladder_20"),
 }
@@ -135,20 +135,21 @@ def result_dir(results: str | os.PathLike, key: str, seed: int) -> Path:
     return Path(results) / key / f"seed{seed}"
 
 
-def run_order(experiments: Sequence[str] = README_EXPERIMENTS,
+def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
               seeds: Sequence[int] = SEEDS) -> list[tuple[Config, int]]:
     """(configuration, seed) pairs, each once, experiment by experiment, both seeds of a
     configuration together: a partial grid still completes whole experiments."""
-    unknown = [e for e in experiments if e not in EXPERIMENTS]
+    unknown = [e for e in experiments if e not in EXPERIMENTS and e not in RECIPE_EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from "
-                         f"{', '.join(EXPERIMENTS)}")
+                         f"{', '.join([*EXPERIMENTS, *RECIPE_EXPERIMENTS])}")
     order: list[tuple[Config, int]] = []
     for experiment in experiments:
-        for key in EXPERIMENTS[experiment]:
+        for key in {**EXPERIMENTS, **RECIPE_EXPERIMENTS}[experiment]:
             for seed in seeds:
-                if (CONFIGS[key], seed) not in order:
-                    order.append((CONFIGS[key], seed))
+                config = {**CONFIGS, **RECIPE_CONFIGS}[key]
+                if (config, seed) not in order:
+                    order.append((config, seed))
     return order
 
 
@@ -175,7 +176,7 @@ def load_results(results: str | os.PathLike, keys: Sequence[str] | None = None):
     import pandas as pd
 
     batch_frames, epoch_frames = [], []
-    for key in keys or [k for k in CONFIGS if not k.startswith("recipe/")]:
+    for key in keys or list(CONFIGS):
         for folder in sorted((Path(results) / key).glob("seed*")):
             if not is_complete(folder):
                 continue
@@ -334,7 +335,7 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
     import pandas as pd
 
     rows = []
-    for key in keys or [k for k in CONFIGS if k.startswith("recipe/")]:
+    for key in keys or list(RECIPE_CONFIGS):
         for folder in sorted((Path(results) / key).glob("seed*")):
             if not is_complete(folder):
                 continue
@@ -343,7 +344,7 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
             test = folder / TEST_FILE
             history = read_csv_columns(folder / "history.csv")
             rows.append({
-                "config": key.removeprefix("recipe/"), "label": CONFIGS[key].label,
+                "config": key.removeprefix("recipe/"), "label": RECIPE_CONFIGS[key].label,
                 "seed": int(folder.name.removeprefix("seed")), "epochs": config["epochs"],
                 "val_accuracy": final.get("val_accuracy", np.nan),
                 "val_accuracy_raw": history["val_accuracy"][-1],
@@ -357,7 +358,7 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
 
 
 def ablation_table(runs):
-    """The ablation (``EXPERIMENTS["recipe_ablation"]``) from ``recipe_runs``: per
+    """The ablation (``RECIPE_EXPERIMENTS["recipe_ablation"]``) from ``recipe_runs``: per
     configuration, the validation accuracy of the trained weights after the last epoch (mean
     over seeds, each seed's value; ``val_accuracy_raw``: what training produced, whatever the
     run then did with it), its difference from the full recipe's, and the median wall time.
@@ -367,7 +368,7 @@ def ablation_table(runs):
     added to the trained weights' accuracy)."""
     import pandas as pd
 
-    ablation = [k.removeprefix("recipe/") for k in EXPERIMENTS["recipe_ablation"]]
+    ablation = [k.removeprefix("recipe/") for k in RECIPE_EXPERIMENTS["recipe_ablation"]]
     runs = runs[runs["config"].isin(ablation) & (runs["epochs"] == RECIPE_ABLATION_EPOCHS)]
     full = runs[runs["config"] == "full"]
     base = full["val_accuracy_raw"].mean()

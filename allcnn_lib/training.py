@@ -16,7 +16,11 @@ Reliability: every file above is written to a temporary file and moved into plac
 and started again with the same config resumes from its last completed epoch
 (``keras.callbacks.BackupAndRestore`` under ``backup_dir``); both CSV files are cut back to the
 restored epoch first, so no epoch or batch appears twice. With the same seed on CPU two runs give
-identical histories (``keras.utils.set_random_seed`` and TensorFlow's op determinism).
+identical histories (``keras.utils.set_random_seed`` and TensorFlow's op determinism), and so
+does a resumed run: the backup carries the dropout seed generators' state, and ``fast_forward``
+brings the input pipeline to the epoch's shuffle and augmentation seeds. An epoch with a NaN
+loss or weight is never saved (``CheckpointGuard``); a checkpoint that would not fit on the disk
+stops the run with ``DiskFullError`` and keeps the previous one and the backup.
 
 The seed repository's optimizer, ``SGD(lr=0.01, momentum=0.9, nesterov=True, decay=1e-6)``, used
 Keras 2's ``decay`` argument, which Keras 3 no longer has (it is ignored with a warning, or an
@@ -29,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
+import gc
 import json
 import math
 import os
@@ -36,6 +42,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +52,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from allcnn_lib.data import CIFAR10, load_cifar10
+from allcnn_lib.data import CIFAR10, load_cifar10, portable_path
 from allcnn_lib.models import ARCHITECTURES, build_model
 from allcnn_lib.preprocessing import (
     PAPER_GCN_SCALE,
@@ -314,24 +321,89 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+#: Free space ``atomic_path`` keeps in reserve beyond a file's expected size (CSV rows, config).
+SPACE_MARGIN = 1 << 20
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class DiskFullError(OSError):
+    """No space left on the device for a file; the previous version of the file is kept.
+
+    Its message is one line that names the file, the space needed and the space free.
+    """
+
+    def __init__(self, path: str | os.PathLike, needed: int | None, free: int | None) -> None:
+        self.path = Path(path)
+        need = f"needs about {_megabytes(needed)}, " if needed else ""
+        have = f"{_megabytes(free)} free" if free is not None else "the disk is full"
+        super().__init__(errno.ENOSPC, f"no space left on device for {path} ({need}{have}); "
+                                       "the previous checkpoint is kept: free some space, then "
+                                       "run the same command again to resume")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the device that holds ``folder`` (its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for an ENOSPC failure, also as HDF5 reports it (a RuntimeError naming errno 28)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return isinstance(err, (OSError, RuntimeError)) and (
+        "No space left on device" in str(err) or "errno = 28" in str(err))
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
     """A temporary path beside ``path``; once written it is fsynced and moved onto ``path``.
 
     ``os.replace`` within one folder is atomic: readers see the old file or the new one, never
     half of one. If the body raises, or writes nothing, ``path`` is left as it was and the
     temporary file is removed.
+
+    A full disk is ``DiskFullError``: at once when ``size_hint`` bytes (plus ``SPACE_MARGIN``)
+    are not free, else when a write fails with ENOSPC. In that case the half-written file is
+    first cut to nothing, so that HDF5 can close it cleanly (left full, its clean-up at exit
+    ended the process with a segmentation fault).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if size_hint is not None:
+        free = free_bytes(path.parent)
+        if free is not None and free < size_hint + SPACE_MARGIN:
+            raise DiskFullError(path, size_hint + SPACE_MARGIN, free)
     tmp = temporary_path(path)
+    full: DiskFullError | None = None
     try:
         yield tmp
         if tmp.exists():
             _fsync(tmp)
             os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, DiskFullError) or not is_disk_full(err):
+            raise
+        with contextlib.suppress(OSError):
+            os.truncate(tmp, 0)  # while HDF5's objects still live (they are in err's frames)
+        full = DiskFullError(path, size_hint or (path.stat().st_size if path.is_file() else None),
+                             free_bytes(path.parent))
     finally:
         tmp.unlink(missing_ok=True)
+    if full is not None:  # raised here, once err and its frames are gone
+        gc.collect()  # HDF5 closes its half-written file now, into the space just freed
+        raise full
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -450,59 +522,188 @@ def check_weights(model: keras.Model, path: str | os.PathLike) -> WeightsSummary
 
 
 def load_weights(model: keras.Model, path: str | os.PathLike) -> keras.Model:
-    """``model.load_weights(path)`` after ``check_weights``; a missing file is one clear error."""
+    """``model.load_weights(path)`` after ``check_weights``; a missing file is one clear error.
+
+    Keras files each layer under its *class* name (``layers/batch_normalization_3``), so weights
+    saved from stock ``BatchNormalization`` layers do not load into the course's
+    ``FusedBatchNormalization`` (or back): ``check_weights`` has matched every layer by the name
+    the file records, so the weights are then set layer by layer from those names.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     check_weights(model, path)
-    model.load_weights(path)
+    try:
+        with warnings.catch_warnings():  # a failed load warns about each layer it skipped
+            warnings.simplefilter("ignore")
+            model.load_weights(path)
+    except ValueError:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            saved = {str(g["vars"].attrs["name"]): g["vars"] for g in f["layers"].values()
+                     if "vars" in g}
+            for layer in model.layers:
+                if layer.weights:
+                    found = saved[layer.name]
+                    layer.set_weights([found[str(i)][()] for i in range(len(found))])
     return model
 
 
+def finite_state(model: keras.Model, logs: Mapping[str, Any] | None = None) -> bool:
+    """True when the epoch's losses in ``logs`` and every weight of ``model`` are finite."""
+    for key in ("loss", "val_loss"):
+        if logs and key in logs and not math.isfinite(float(logs[key])):
+            return False
+    return all(bool(np.isfinite(keras.ops.convert_to_numpy(w)).all()) for w in model.weights)
+
+
+def checkpoint_bytes(model: keras.Model, path: str | os.PathLike | None = None) -> int:
+    """About how large a ``.weights.h5`` checkpoint of ``model`` is (its variables, the
+    optimizer's included, plus HDF5's overhead); at least the size of ``path`` if it exists."""
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)  # an uncompiled model has none
+    if optimizer is not None and optimizer.built:
+        variables += list(optimizer.variables)
+    size = int(sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables) * 1.05)
+    size += 256 * 1024
+    if path is not None and Path(path).is_file():
+        size = max(size, Path(path).stat().st_size)
+    return size
+
+
+class CheckpointGuard:
+    """Shared by a run's checkpoint callbacks, so that a broken state never replaces a good
+    checkpoint: an epoch with a non-finite loss or weight (a diverged run) is not saved, and
+    after a full disk nothing more is written. Either stops the training."""
+
+    def __init__(self) -> None:
+        self.nonfinite_epoch: int | None = None  # the first diverged epoch, counted from 0
+        self.disk_full: DiskFullError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.nonfinite_epoch is not None or self.disk_full is not None
+
+    def allows(self, model: keras.Model, epoch: int, logs: Mapping[str, Any] | None) -> bool:
+        """May the state at the end of ``epoch`` be saved? (Stops the training when not.)"""
+        if self.disk_full is not None:
+            return False
+        if self.nonfinite_epoch is None and not finite_state(model, logs):
+            self.nonfinite_epoch = epoch
+        if self.nonfinite_epoch is not None:
+            model.stop_training = True
+            return False
+        return True
+
+    def out_of_space(self, model: keras.Model, err: DiskFullError) -> None:
+        self.disk_full = err
+        model.stop_training = True
+
+
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """``keras.callbacks.ModelCheckpoint`` whose file appears atomically.
+    """``keras.callbacks.ModelCheckpoint`` whose file appears atomically, and never from a
+    diverged state or onto a full disk (``CheckpointGuard``).
 
     Keras writes the checkpoint in place, so a crash mid-write leaves a broken file where the
     last good one was. Here Keras writes to a temporary name beside the target, which then
     replaces the target with ``os.replace`` (``atomic_path``); when Keras decides not to save
-    (no improvement), nothing changes.
+    (no improvement), nothing changes. An epoch with a NaN loss or weight is not saved (and
+    stops training); so is one whose checkpoint would not fit on the disk (``DiskFullError``
+    in ``guard.disk_full``; the previous checkpoint stays).
     """
 
     _tmp_target: Path | None = None
+    _target: Path | None = None
+
+    def __init__(self, *args: Any, guard: CheckpointGuard | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard or CheckpointGuard()
 
     def _get_file_path(self, epoch, batch, logs):  # Keras hook: where to write
         if self._tmp_target is not None:
             return str(self._tmp_target)
         return super()._get_file_path(epoch, batch, logs)
 
+    def _should_save_model(self, epoch, batch, logs, filepath):  # Keras hook: decide
+        if not self.guard.allows(self.model, epoch, logs):
+            return False
+        if not super()._should_save_model(epoch, batch, logs, filepath):
+            return False
+        needed = checkpoint_bytes(self.model, self._target) + SPACE_MARGIN
+        free = free_bytes(self._target.parent)
+        if free is not None and free < needed:
+            raise DiskFullError(self._target, needed, free)
+        return True
+
     def _save_model(self, epoch, batch, logs):  # Keras hook: decide and write
-        with atomic_path(super()._get_file_path(epoch, batch, logs)) as tmp:
-            self._tmp_target = tmp
-            try:
-                super()._save_model(epoch, batch, logs)
-            finally:
-                self._tmp_target = None
+        if self.guard.stopped:
+            return
+        self._target = Path(super()._get_file_path(epoch, batch, logs))
+        try:
+            with atomic_path(self._target) as tmp:
+                self._tmp_target = tmp
+                try:
+                    super()._save_model(epoch, batch, logs)
+                finally:
+                    self._tmp_target = None
+        except DiskFullError as err:
+            self.guard.out_of_space(self.model, err)
 
 
 _EPOCH_ATTR = "allcnn_completed_epochs"
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``keras.callbacks.BackupAndRestore`` with an atomic, self-describing backup.
+_SEED_STATES = "allcnn_seed_states"
 
-    The weights (and optimizer state) go to a temporary file that also records the number of
-    completed epochs as an HDF5 attribute, and only then replace the previous backup; the epoch
-    therefore always matches the weights, even when the process dies between two files.
+
+def seed_states(model: keras.Model) -> list[keras.Variable]:
+    """The state variables of the model's random seed generators (dropout's): not weights, so
+    ``save_weights`` leaves them out, but a resumed run needs them to draw the same masks."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``keras.callbacks.BackupAndRestore`` with an atomic, self-describing, never-poisoned
+    backup.
+
+    The weights (and optimizer state, and the dropout layers' seed-generator states) go to a
+    temporary file that also records the number of completed epochs as an HDF5 attribute, and
+    only then replace the previous backup; the epoch therefore always matches the weights, even
+    when the process dies between two files. An epoch with a NaN loss or weight is not backed
+    up, nor one after a full disk (``CheckpointGuard``); a run that a full disk stopped keeps
+    its backup, so that the same command resumes it.
     """
+
+    def __init__(self, backup_dir: str, *args: Any, guard: CheckpointGuard | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(backup_dir, *args, **kwargs)
+        self.guard = guard or CheckpointGuard()
+
+    def on_epoch_end(self, epoch, logs=None):  # noqa: D102 (Keras hook)
+        if not self.guard.allows(self.model, epoch, logs):
+            return
+        try:
+            super().on_epoch_end(epoch, logs)
+        except DiskFullError as err:
+            self.guard.out_of_space(self.model, err)
+
+    def on_train_end(self, logs=None):  # noqa: D102 (Keras hook)
+        if self.guard.disk_full is None:
+            super().on_train_end(logs)
 
     def _save_model(self):  # noqa: D102 (Keras hook)
         os.makedirs(self.backup_dir, exist_ok=True)
         import h5py
 
-        with atomic_path(self._weights_path) as tmp:
+        size = checkpoint_bytes(self.model, self._weights_path)
+        with atomic_path(self._weights_path, size_hint=size) as tmp:
             self.model.save_weights(str(tmp), overwrite=True)
             with h5py.File(tmp, "a") as f:
                 f.attrs[_EPOCH_ATTR] = int(self._current_epoch)
+                group = f.create_group(_SEED_STATES)
+                for i, state in enumerate(seed_states(self.model)):
+                    group[str(i)] = keras.ops.convert_to_numpy(state)
         atomic_write_text(self._training_metadata_path, json.dumps(
             {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
@@ -511,6 +712,17 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         epoch = backup_epoch(self.backup_dir)
         if epoch:
             self.model._initial_epoch = epoch
+        weights = Path(self._weights_path)
+        if not weights.is_file():
+            return
+        import h5py
+
+        with h5py.File(weights, "r") as f:
+            group = f.get(_SEED_STATES)
+            states = seed_states(self.model)
+            if group is not None and len(group) == len(states):
+                for i, state in enumerate(states):
+                    state.assign(group[str(i)][()])
 
 
 def backup_epoch(backup_dir: str | os.PathLike) -> int:
@@ -704,6 +916,8 @@ class TrainConfig:
     ``backup_dir=None`` means ``~/.cache/allcnn/backup/<run id>``. ``verbose=None`` shows
     Keras' progress bar when stdout is a terminal and ``EpochLogger`` lines otherwise.
     ``initial_weights`` starts from a ``.weights.h5`` file (the seed's ``-retrain``).
+    ``bn_momentum``: decay of batch norm's moving mean and variance (Keras' default 0.99
+    averages over ~100 steps, over an epoch at batch 512).
     The fast recipe's switches (``RECIPES``): ``class_relu`` (the ReLU on conv9),
     ``max_shift``/``shift_fill`` (translation and its border), ``whiten_init`` (conv1 from
     ``initializers.whiten_first_conv``), ``ema`` (average of the weights, batch norm
@@ -741,6 +955,7 @@ class TrainConfig:
     verbose: bool | None = None
     initial_weights: str | None = None
     class_relu: bool = True
+    bn_momentum: float = 0.99
     max_shift: int | float = MAX_SHIFT
     shift_fill: str = "zero"
     whiten_init: bool = False
@@ -816,7 +1031,8 @@ class TrainResult:
 
     def __repr__(self) -> str:
         best = (f"best val_accuracy {self.best_val_accuracy:.4f} at epoch {self.best_epoch + 1}"
-                if self.best_epoch is not None else "no validation")
+                if self.best_epoch is not None else "no validation" if "val_accuracy" not in
+                self.history else "no epoch with finite losses")
         return (f"TrainResult({self.run_dir}: {self.epochs_completed} epochs, {best}, "
                 f"{self.seconds:.1f} s)")
 
@@ -977,29 +1193,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
 
 _PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
-_REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def portable_path(path: str | os.PathLike) -> str:
-    """``path`` as committed files record it: relative to the repository when inside it,
-    ``~/...`` when inside the home folder, else as given (no machine's absolute paths)."""
-    resolved = Path(path).expanduser().resolve()
-    for root, prefix in ((_REPOSITORY, ""), (Path.home().resolve(), "~/")):
-        if resolved.is_relative_to(root):
-            return prefix + str(resolved.relative_to(root)) if resolved != root else (
-                prefix.rstrip("/") or ".")
-    return str(path)
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stdout, flush=True)
 
 
-def _prepare_backup(config: TrainConfig) -> tuple[Path, int]:
-    """The backup folder and the completed epochs to resume from (0: start afresh)."""
+def _prepare_backup(config: TrainConfig, overwrite: bool = False) -> tuple[Path, int]:
+    """The backup folder and the completed epochs to resume from (0: start afresh, always so
+    with ``overwrite``)."""
     backup = config.resolved_backup_dir()
     stamp = backup / "allcnn_run.json"
     fingerprint = config.fingerprint()
+    if overwrite and backup.exists():
+        shutil.rmtree(backup)
+    remove_stale_temporaries(backup)
     if backup.exists():
         old = json.loads(stamp.read_text()) if stamp.is_file() else None
         if old != fingerprint:
@@ -1013,26 +1221,80 @@ def _prepare_backup(config: TrainConfig) -> tuple[Path, int]:
 
 
 def _best_so_far(history_csv: Path) -> tuple[int | None, float | None]:
+    """The epoch with the best validation accuracy among those with finite losses (a diverged
+    epoch was never saved) and that accuracy; (None, None) when there is none."""
     history = read_history(history_csv)
-    acc = history.get("val_accuracy") or []
-    if not acc or all(math.isnan(a) for a in acc):
+    acc = np.array(history.get("val_accuracy") or [], float)
+    for key in ("loss", "val_loss"):
+        values = np.array(history.get(key) or [], float)
+        if len(values) == len(acc):
+            acc[~np.isfinite(values)] = np.nan
+    if not len(acc) or np.isnan(acc).all():
         return None, None
     i = int(np.nanargmax(acc))
     return int(history["epoch"][i]), float(acc[i])
 
 
-def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
+def fast_forward(dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, *,
+                 repeat: bool) -> tf.data.Dataset:
+    """The training pipeline as a run resumed after ``epochs`` completed epochs must see it, so
+    that it shuffles and augments as the uninterrupted run did.
+
+    A finite pipeline draws new shuffle and augmentation seeds whenever an iterator over it is
+    made (``reshuffle_each_iteration``), and ``fit`` makes two in each epoch (one to read, one
+    ready for the next epoch): Keras' own epoch iterator is walked through ``epochs`` epochs
+    without reading a batch, which makes the same iterators. An endless pipeline (``repeat``)
+    is one stream across the epochs: it skips the batches already trained on. (Under
+    ``distribute="mirrored"`` the strategy copies the pipeline, so a resumed run reshuffles.)
+    """
+    if not epochs:
+        return dataset
+    if repeat:
+        return dataset.skip(epochs * steps_per_epoch)
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator  # what fit iterates with
+
+    walker = TFEpochIterator(x=dataset, distribute_strategy=tf.distribute.get_strategy(),
+                             steps_per_execution=1)
+    for _ in range(epochs):
+        for _ in walker:  # yields (step, step, iterator) without reading a batch
+            pass
+    return dataset
+
+
+def _record_status(files: dict[str, Path], meta: dict[str, Any], status: str,
+                   error: BaseException | None = None) -> None:
+    """Write ``status`` (and a one-line ``error``) into the run's config.json, if the disk
+    lets it; a run that stops early still says why."""
+    meta["run"]["status"] = status
+    meta["run"]["epochs_completed"] = len(read_history(files["history"]).get("epoch", []))
+    if error is not None:
+        meta["run"]["error"] = " ".join(str(error).split())[:300]
+    with contextlib.suppress(OSError):
+        atomic_write_text(files["config"], json.dumps(meta, indent=2))
+
+
+def train(config: TrainConfig, data: CIFAR10 | None = None, *,
+          overwrite: bool = False) -> TrainResult:
     """Train ``config.arch`` on CIFAR-10 and write ``runs/<id>/`` (see the module docstring).
 
     ``data`` is a ``CIFAR10`` (``load_cifar10``); by default it is loaded from
     ``config.data_dir`` with ``config.limit`` and ``config.seed`` (the shipped sample when
     ``ALLCNN_QUICK=1``). Model selection uses the validation split; the test split is never used.
+    ``overwrite``: start afresh even when a backup of this run could be resumed.
+
+    A run that diverges stops at the first non-finite epoch, which is not saved
+    (``terminated_on_nan``); a full disk stops it with ``DiskFullError`` and keeps its backup;
+    Ctrl-C leaves ``status: interrupted`` in config.json. Running it again resumes from the
+    last completed epoch, with the same losses as an uninterrupted run (CPU, default strategy).
     """
     start = time.perf_counter()
     seed_everything(config.seed)
     if data is None:
         data = load_cifar10(config.data_dir, limit=config.limit, seed=config.seed,
                             validation_size=0 if config.train_on == "all" else None)
+    if len(data.y_train) < config.batch_size:  # before any folder is made
+        raise ValueError(f"{len(data.y_train)} training images make no batch of "
+                         f"{config.batch_size}; lower the batch size")
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
@@ -1040,7 +1302,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
         ("config", CONFIG_JSON), ("history", HISTORY_CSV), ("batches", BATCHES_CSV),
         ("best", BEST_WEIGHTS), ("last", LAST_WEIGHTS))}
 
-    backup_dir, initial_epoch = _prepare_backup(config)
+    backup_dir, initial_epoch = _prepare_backup(config, overwrite)
     initial_epoch = min(initial_epoch, config.epochs)
     for name in ("history", "batches"):
         truncate_csv(files[name], initial_epoch)
@@ -1093,6 +1355,9 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
                                 initializer=base_initializer(config.init),
                                 weight_decay=config.weight_decay, class_relu=config.class_relu,
                                 input_shape=data.x_train.shape[1:], num_classes=num_classes)
+            for layer in model.layers:  # the moving statistics' decay (Keras' default 0.99)
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = config.bn_momentum
             if not initial_epoch:  # a resumed run restores its weights from the backup
                 if config.whiten_init:
                     from allcnn_lib.initializers import whiten_first_conv
@@ -1125,7 +1390,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
                     for k, v in config.to_dict().items()}
         meta = {**recorded, "run": {
             "model": model.name, "params": int(model.count_params()),
-            "data_source": portable_path(data.source), "is_sample": bool(data.is_sample),
+            "data_source": (portable_path(data.source) if Path(data.source).is_absolute()
+                            else data.source), "is_sample": bool(data.is_sample),
             "train_images": int(len(data.y_train)), "validation_images": int(len(data.y_val)),
             "class_names": list(data.class_names), "steps_per_epoch": steps_per_epoch,
             "resumed_from_epoch": initial_epoch, "status": "running",
@@ -1135,35 +1401,56 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
 
         monitor = "val_accuracy" if has_val else "accuracy"
         verbose = sys.stdout.isatty() if config.verbose is None else bool(config.verbose)
+        guard = CheckpointGuard()  # no NaN checkpoint, nothing written onto a full disk
         callbacks: list[keras.callbacks.Callback] = [
-            *([keras.callbacks.SwapEMAWeights()] if config.ema else []),  # validate the EMA
             EpochInfo(),
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.CSVLogger(str(files["history"]), append=True),
             BatchCSVLogger(files["batches"]),
             AtomicModelCheckpoint(str(files["best"]), monitor=monitor, mode="max",
                                   save_best_only=True, save_weights_only=True,
-                                  initial_value_threshold=best_acc),
-            AtomicModelCheckpoint(str(files["last"]), save_weights_only=True),
+                                  initial_value_threshold=best_acc, guard=guard),
+            AtomicModelCheckpoint(str(files["last"]), save_weights_only=True, guard=guard),
         ]
         if not verbose:
             callbacks.append(EpochLogger())
         # Last, so that an epoch counts as done only once its rows and checkpoints are written.
-        callbacks.append(AtomicBackupAndRestore(str(backup_dir), save_freq="epoch"))
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                  steps_per_epoch=config.steps_per_epoch, verbose=1 if verbose else 0,
-                  callbacks=callbacks, shuffle=False)
+        # It keeps the backup when fit ends: a crash before config.json says "finished" must
+        # still resume (train removes it below).
+        callbacks.append(AtomicBackupAndRestore(str(backup_dir), save_freq="epoch",
+                                                delete_checkpoint=False, guard=guard))
+        # A resumed run sees the data as the uninterrupted run did (same shuffles, same
+        # augmentations), and its dropout masks continue from the backup: the same losses.
+        fit_ds = fast_forward(train_ds, initial_epoch, steps_per_epoch,
+                              repeat=config.steps_per_epoch is not None)
+        try:
+            model.fit(fit_ds, validation_data=val_ds, epochs=config.epochs,
+                      steps_per_epoch=config.steps_per_epoch, verbose=1 if verbose else 0,
+                      callbacks=callbacks, shuffle=False)
+        except KeyboardInterrupt:
+            _record_status(files, meta, "interrupted")
+            raise
+        except Exception as err:
+            _record_status(files, meta, "failed", err)
+            raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
+    if guard.disk_full is not None:
+        _record_status(files, meta, "disk_full", guard.disk_full)
+        raise guard.disk_full
     history = read_history(files["history"])
     best_epoch, best_acc = _best_so_far(files["history"])
     losses = history.get("loss", [])
-    nan = bool(losses) and not math.isfinite(losses[-1])
+    nan = guard.nonfinite_epoch is not None or (bool(losses) and not math.isfinite(losses[-1]))
     completed = len(history.get("epoch", []))
-    if completed >= config.epochs and not nan:
-        meta["run"]["final"] = _finish_run(config, model, train_ds, data, preprocess,
-                                           files["last"], steps_per_epoch)
+    try:
+        if completed >= config.epochs and not nan:
+            meta["run"]["final"] = _finish_run(config, model, train_ds, data, preprocess,
+                                               files["last"], steps_per_epoch)
+    except KeyboardInterrupt:
+        _record_status(files, meta, "interrupted")
+        raise
     try:
         from allcnn_lib.plots import save_run_plots
 
@@ -1174,7 +1461,12 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
     meta["run"].update(status="terminated_on_nan" if nan else "finished",
                        epochs_completed=completed, best_epoch=best_epoch,
                        best_val_accuracy=best_acc, seconds=round(seconds, 1))
+    if nan:
+        meta["run"]["nonfinite_epoch"] = (guard.nonfinite_epoch if guard.nonfinite_epoch
+                                          is not None else completed - 1)
     atomic_write_text(files["config"], json.dumps(meta, indent=2))
+    if completed >= config.epochs or nan:  # done: nothing left to resume
+        shutil.rmtree(backup_dir, ignore_errors=True)
     return TrainResult(run_dir=run_dir, model=model, history=history, best_epoch=best_epoch,
                        best_val_accuracy=best_acc, initial_epoch=initial_epoch,
                        epochs_completed=completed, terminated_on_nan=nan, seconds=seconds,
@@ -1182,12 +1474,32 @@ def train(config: TrainConfig, data: CIFAR10 | None = None) -> TrainResult:
 
 
 def load_run_config(run_dir_or_file: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``config.json`` of a run folder, or the one beside a weights file (None if none)."""
+    """The ``config.json`` of a run folder, or the one beside a weights file (None if none).
+
+    A damaged one is a ``ValueError`` that names the file and the fix."""
     p = Path(run_dir_or_file)
     cfg = p / CONFIG_JSON if p.is_dir() else p.parent / CONFIG_JSON
     if not cfg.is_file():
         return None
-    return json.loads(cfg.read_text())
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{cfg}: {config_problem(err)}; restore it, or move it away and give "
+                         "the network's flags (--arch, --bn, --dropout)") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg}: holds a {type(config).__name__}, not a run's settings; "
+                         "restore it, or move it away and give the network's flags "
+                         "(--arch, --bn, --dropout)")
+    return config
+
+
+def config_problem(err: BaseException) -> str:
+    """What is wrong with a config.json that failed to load, in a few words."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON (truncated or edited? {err.msg} at line {err.lineno})"
+    if isinstance(err, UnicodeDecodeError):
+        return "not a text file"
+    return f"unreadable ({getattr(err, 'strerror', None) or err})"
 
 
 __all__ = [

@@ -43,23 +43,12 @@ def copy_results(run_dir: Path, target: Path) -> None:
     for name in ex.RESULT_FILES + ((ex.TEST_FILE,) if (run_dir / ex.TEST_FILE).is_file()
                                    else ()):
         shutil.copy2(run_dir / name, tmp / name)
+    from allcnn_lib.data import portable_config
+
     config = json.loads((tmp / "config.json").read_text())
     (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-
-
-def portable_config(config: dict) -> dict:
-    """``config`` with its machine paths made portable (``training.portable_path``)."""
-    from allcnn_lib.training import portable_path
-
-    for key in ("data_dir", "runs_dir", "backup_dir", "initial_weights"):
-        if config.get(key):
-            config[key] = portable_path(config[key])
-    run = config.get("run", {})
-    if run.get("data_source"):
-        run["data_source"] = portable_path(run["data_source"])
-    return config
 
 
 def record_machine(run_dir: Path) -> None:
@@ -89,8 +78,8 @@ def evaluate_on_test(run_dir: Path, log: Path, data_flags: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experiments", nargs="+", default=list(ex.README_EXPERIMENTS),
-                    choices=list(ex.EXPERIMENTS))
+    ap.add_argument("--experiments", nargs="+", default=list(ex.EXPERIMENTS),
+                    choices=[*ex.EXPERIMENTS, *ex.RECIPE_EXPERIMENTS])
     ap.add_argument("--seeds", nargs="+", type=int, default=list(ex.SEEDS))
     ap.add_argument("--results", type=Path, default=ROOT / "results")
     ap.add_argument("--runs-dir", type=Path,
@@ -151,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         log = args.runs_dir / f"{rid}.log"
         start = time.perf_counter()
         print(f"[{n}/{len(todo)}] {rid}: allcnn {' '.join(cmd[3:])}  (log: {log})", flush=True)
-        with open(log, "a") as fh:
-            rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        if ex.is_complete(args.runs_dir / rid):  # trained before its results were copied
+            rc = 0  # (allcnn train refuses to retrain a finished run without --overwrite)
+        else:
+            with open(log, "a") as fh:
+                rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
         minutes = (time.perf_counter() - start) / 60
         run_dir = args.runs_dir / rid
         if rc != 0 or not ex.is_complete(run_dir):

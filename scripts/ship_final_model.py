@@ -9,7 +9,8 @@ variables only: the optimizer's slots are dropped) with its
 ``zca.npz``),
 evaluates it **once** on the CIFAR-10 test set, and writes ``provenance.json`` (the exact
 command, wall time, machine, versions, validation and test figures, md5 of every file) and
-``MD5SUMS`` (checked by ``make evaluate``). Refuses a run that is unfinished, trained on the
+``MD5SUMS`` (checked by ``make evaluate``). The shipped config.json records paths relative to
+the repository or ``~`` (``portable_config``). Refuses a run that is unfinished, trained on the
 shipped sample, or whose weights exceed 6 MB.
 """
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the run trained on the shipped sample; the final model must come from "
               "the full CIFAR-10", file=sys.stderr)
         return 1
-    from allcnn_lib.data import load_cifar10, md5sum
+    from allcnn_lib.data import load_cifar10, md5sum, portable_config
     from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
     from allcnn_lib.plots import read_columns
 
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     files = [*FILES, *(f for f in OPTIONAL_FILES if (run / f).is_file())]
     for name in files:
-        if name != "best.weights.h5":
+        if name == "config.json":  # committed: no machine's absolute paths
+            (out / name).write_text(json.dumps(portable_config(config), indent=2))
+        elif name != "best.weights.h5":
             shutil.copy2(run / name, out / name)
     os.replace(staged, out / "best.weights.h5")
 

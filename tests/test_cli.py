@@ -138,7 +138,7 @@ def test_steps_per_epoch_and_normalize(tmp_path):
     proc = run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit", "100",
                    "--tta-flip", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "test-time flip: on" in proc.stdout
+    assert "test-time augmentation: flip" in proc.stdout
     assert json.loads((run_dir / "evaluation.json").read_text())["tta_flip"] is True
     (run_dir / "standardizer.npz").unlink()
     proc = run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit", "100",
@@ -253,6 +253,148 @@ def test_bad_flag_exits_2_from_the_shell(tmp_path):
     assert "invalid choice" in proc.stderr
 
 
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "nan", "finite number > 0"),
+    ("--lr", "inf", "finite number > 0"),
+    ("--lr", "-1", "number > 0"),
+    ("--lr", "0", "number > 0"),
+    ("--rho", "1.5", ">= 0 and < 1"),
+    ("--weight-decay", "-0.5", ">= 0"),
+    ("--label-smoothing", "1.5", ">= 0 and < 1"),
+    ("--zca-epsilon", "nan", "finite number > 0"),
+    ("--seed", "-1", "integer from 0 to"),
+    ("--limit", "105", "multiple of 10"),
+    ("--max-shift", "40", "integer from 0 to 16"),
+    ("--tta-shift", "-1", "integer from 0 to 16"),
+    ("--id", "a/b", "plain folder name"),
+])
+def test_numeric_flags_are_range_checked_and_named(flag, value, expected, capsys, tmp_path,
+                                                   monkeypatch):
+    """Issue 20, items 3 and 10: NaN, infinities and out-of-range values stop at the parser,
+    with the flag's name (``--lr nan`` used to train to the end with NaN weights)."""
+    monkeypatch.setattr(cli, "_import_tensorflow_quietly", lambda: pytest.fail("accepted"))
+    tiny = ["--runs-dir", str(tmp_path), "--backup-dir", str(tmp_path / "b"), "--limit", "100",
+            "-batchsize", "32", "--epochs", "1", "--arch", "strided"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", *tiny, flag, value])  # the flag given last wins
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("allcnn train: error: argument ") and expected in err, err
+    assert flag in err.split(": ")[2].removeprefix("argument ").split("/"), err
+
+
+@pytest.fixture(scope="module")
+def no_tensorflow_env(tmp_path_factory) -> dict[str, str]:
+    """``_env()`` in which ``import tensorflow`` ends the process with a marker line."""
+    fake = tmp_path_factory.mktemp("no_tensorflow") / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('TENSORFLOW WAS IMPORTED')\n")
+    return {**_env(), "PYTHONPATH": os.pathsep.join(
+        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def run_without_tensorflow(env: dict[str, str], *args: object, cwd: Path
+                           ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "allcnn_lib", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--limit", "100", "-batchsize", "128"],
+     ["--limit 100 leaves 90 training images", "--batch-size 128", "raise --limit to 140"]),
+    (["--limit", "3000"], ["--limit 3000: class 0 has 200 examples", "lower --limit"]),
+    (["-batchsize", "4096"], ["1800 training images", "no batch of --batch-size 4096"]),
+])
+def test_checks_needing_no_tensorflow_come_first_and_leave_nothing(extra, needles, tmp_path,
+                                                                   no_tensorflow_env):
+    """Issue 20, item 12: a batch the data cannot fill is one line before TensorFlow loads,
+    with no run folder and no backup folder left behind."""
+    proc = run_without_tensorflow(no_tensorflow_env, "train", "-id", "early", "--runs-dir",
+                                  tmp_path / "runs", "--backup-dir", tmp_path / "backup",
+                                  *extra, cwd=tmp_path)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "backup").exists()
+
+
+def test_data_dir_errors_name_the_flag(tmp_path, no_tensorflow_env):
+    """Issue 20, item 11."""
+    env = {**no_tensorflow_env, "ALLCNN_QUICK": "0"}
+    proc = run_without_tensorflow(env, "train", "--data-dir", tmp_path / "nowhere",
+                                  "--runs-dir", tmp_path, "--backup-dir", tmp_path / "b",
+                                  cwd=tmp_path)
+    line = proc.stderr.strip()
+    assert_one_line_error(proc, "nowhere (from --data-dir) does not exist",
+                          "point --data-dir at the data, or leave it out")
+    assert "path argument" not in line
+
+
+def test_truncated_config_beside_the_weights_is_named_with_its_fix(tmp_path,
+                                                                  no_tensorflow_env):
+    """Issue 20, item 9: not "Expecting value: line 10 column 10" after TensorFlow's start-up,
+    but the file, what is wrong and what to do, before TensorFlow."""
+    (tmp_path / "best.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (tmp_path / "config.json").write_text('{\n  "run_id": "x",\n  "arch": ')
+    proc = run_without_tensorflow(no_tensorflow_env, "evaluate", "--weights",
+                                  tmp_path / "best.weights.h5", cwd=tmp_path)
+    assert_one_line_error(proc, f"{tmp_path / 'config.json'}: not valid JSON (truncated",
+                          "restore it, or move it away", "--arch")
+    proc = run_without_tensorflow(no_tensorflow_env, "-id", tmp_path.name, "--runs-dir",
+                                  tmp_path.parent, "--backup-dir", tmp_path / "b",
+                                  cwd=tmp_path)  # training into that run folder
+    assert_one_line_error(proc, "config.json: not valid JSON", "--overwrite")
+
+
+def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 20, item 4: a data batch this user may not read (permission denied) is one line
+    that names it and the fix, not a 37-line traceback. Root reads everything, so for root the
+    operating system's refusal is simulated (``Path.read_bytes`` raises what open(2) would)."""
+    from test_data import make_batches_dir
+
+    folder = make_batches_dir(tmp_path / "data")
+    unreadable = folder / "data_batch_2"
+    args = ["train", "--data-dir", str(folder), "--runs-dir", str(tmp_path / "runs"),
+            "--backup-dir", str(tmp_path / "backup")]
+    if os.geteuid() != 0:
+        unreadable.chmod(0o000)
+        proc = run_cli(*args, cwd=tmp_path, quick=False)
+        unreadable.chmod(0o644)
+        assert_one_line_error(proc, f"{unreadable}: permission denied", "chmod a+r")
+        return
+    read_bytes = Path.read_bytes
+
+    def refuse(path: Path) -> bytes:
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setenv("ALLCNN_QUICK", "0")
+    monkeypatch.setattr(cli, "_import_tensorflow_quietly", lambda: pytest.fail("data loaded"))
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"allcnn: error: {unreadable}: permission denied (this user cannot read it). "
+                   f"Fix: chmod a+r {unreadable}, or run as the user who owns it"]
+
+
+def test_verify_data_finds_one_flipped_byte(tmp_path, full_cifar10_dir):
+    """Issue 20, item 8: ``allcnn verify-data`` on the full set with one byte flipped in the
+    pixels of data_batch_3 (which loads without complaint): exit 1, naming the file."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for source in full_cifar10_dir.iterdir():
+        (folder / source.name).symlink_to(source)
+    (folder / "data_batch_3").unlink()
+    raw = bytearray((full_cifar10_dir / "data_batch_3").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (folder / "data_batch_3").write_bytes(bytes(raw))
+    proc = run_cli("verify-data", "--data-dir", folder, cwd=tmp_path, quick=False)
+    assert_one_line_error(proc, "data_batch_3: its contents differ from", "corrupt")
+    assert "data_batch_1 " in proc.stdout and "5,000 to 5,000" in proc.stdout
+    proc = run_cli("verify-data", "--data-dir", full_cifar10_dir, cwd=tmp_path, quick=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "data OK: " in proc.stdout
+
+
 # --------------------------------------------------------------------------- the seed's flags
 
 
@@ -274,14 +416,17 @@ def test_seed_flags_are_aliases_of_long_options():
     assert a.jupyter_file == "/run/jupyter/kernel-1.json"  # accepted, then ignored
 
 
-def test_train_zero_evaluates_the_runs_best_weights(tmp_path, monkeypatch, capsys):
-    seen = {}
-    monkeypatch.setattr(cli, "cmd_evaluate", lambda args: seen.setdefault("args", args) and 0)
-    assert cli.main(["-id", "r1", "-train", "0", "--runs-dir", str(tmp_path), "-f", "k.json"]) \
-        == 0
-    assert Path(seen["args"].weights) == tmp_path / "r1" / "best.weights.h5"
-    assert seen["args"].arch is None  # not given: the run's config.json decides
-    assert "-f k.json ignored" in capsys.readouterr().err
+def test_train_zero_evaluates_the_runs_best_weights(trained_run):
+    """The seed's ``-train 0`` end to end: the run's best weights on the test set, the network
+    and the test-time augmentation from its config.json (it crashed on a missing flag)."""
+    root, run_dir, _ = trained_run
+    proc = run_cli("-id", "e2e", "-train", "0", "--runs-dir", root / "runs", "--limit", "100",
+                   "-f", "k.json", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"weights: {run_dir / 'best.weights.h5'} (strided_cnn_c" in proc.stdout
+    assert "SAMPLE accuracy " in proc.stdout and "per-class accuracy:" in proc.stdout
+    assert proc.stderr.strip().splitlines() == ["note: -f k.json ignored (Jupyter's kernel file; "
+                                                "the seed parsed it by accident)"]
 
 
 # --------------------------------------------------------------------------- reliability

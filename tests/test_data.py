@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -116,8 +119,14 @@ def test_reads_batches_dir_passed_as_path(tmp_path):
     assert load_cifar10(tmp_path, validation_size=10).source == str(folder)
 
 
-def test_reads_archive_without_unpacking(tmp_path):
-    archive = make_archive(tmp_path)
+def trust(archive: Path, monkeypatch) -> Path:
+    """Make a hand-made archive pass for the official one (its md5 is checked on reading)."""
+    monkeypatch.setattr(D, "CIFAR10_MD5", D.md5sum(archive))
+    return archive
+
+
+def test_reads_archive_without_unpacking(tmp_path, monkeypatch):
+    archive = trust(make_archive(tmp_path), monkeypatch)
     from_tar = load_cifar10(archive, validation_size=10)
     from_dir = load_cifar10(tmp_path / "src", validation_size=10)
     np.testing.assert_array_equal(from_tar.x_train, from_dir.x_train)
@@ -137,8 +146,8 @@ def test_search_order_env_then_data_dir(tmp_path, monkeypatch, empty_data_dir):
     assert len(load_cifar10(explicit, data_dir=empty_data_dir, validation_size=0).y_test) == 30
 
 
-def test_data_dir_archive_used_when_no_folder(tmp_path, empty_data_dir):
-    archive = make_archive(tmp_path)
+def test_data_dir_archive_used_when_no_folder(tmp_path, empty_data_dir, monkeypatch):
+    archive = trust(make_archive(tmp_path), monkeypatch)
     archive.rename(empty_data_dir / D.ARCHIVE_NAME)
     d = load_cifar10(data_dir=empty_data_dir, validation_size=10, downloader=no_network)
     assert d.source.endswith(D.ARCHIVE_NAME) and len(d.y_test) == 20
@@ -184,6 +193,7 @@ def test_no_network_falls_back_to_sample_with_one_line_notice(empty_data_dir, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Notice:") and "sample" in err[0]
     assert "CIFAR10_DIR" in err[0]
+    assert err[0].lower().count("full set") == 1  # it said so twice
     assert d.is_sample and len(d.y_train) + len(d.y_val) == 2000 and len(d.y_test) == 1000
 
 
@@ -288,6 +298,104 @@ def test_corrupt_sample_is_caught_by_md5(empty_data_dir):
 def test_missing_sample(tmp_path):
     with pytest.raises(CIFAR10Error, match="shipped sample is missing"):
         load_cifar10(data_dir=tmp_path, sample=True)
+
+
+def test_no_data_notice_comes_fast_alone_and_without_tensorflow(empty_data_dir):
+    """Issue 20, item 13: offline with nothing on disk, the notice is the only line on stderr,
+    said once, within a second or two: no TensorFlow start-up (and its C++ lines) for a
+    download attempt."""
+    script = (
+        "import sys, time\n"
+        "from allcnn_lib import data\n"
+        "data.CIFAR10_URL = 'http://127.0.0.1:9/cifar-10-python.tar.gz'  # refused at once\n"
+        "start = time.perf_counter()\n"
+        f"d = data.load_cifar10(data_dir={str(empty_data_dir)!r})\n"
+        "print(d.is_sample, 'tensorflow' in sys.modules, 'keras' in sys.modules,\n"
+        "      round(time.perf_counter() - start, 1))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("ALLCNN_QUICK", "CIFAR10_DIR")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sample, tensorflow, keras, seconds = proc.stdout.split()
+    assert (sample, tensorflow, keras) == ("True", "False", "False")
+    assert float(seconds) < 10
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Notice: ") and "sample" in lines[0]
+    assert lines[0].lower().count("full set") == 1
+
+
+def test_data_source_is_recorded_relative_to_the_repository(cifar_sample):
+    """Issue 20, item 16: what runs, benchmarks and notebooks print and record."""
+    assert cifar_sample.source == "data/cifar10_sample.npz"
+    assert D.portable_path(D.DEFAULT_DATA_DIR / "x") == "data/x"
+    assert D.portable_path(Path.home() / ".cache" / "y") == "~/.cache/y"
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def digests_of(folder: Path) -> dict[str, str]:
+    return {name: D.batch_digest(*D.parse_batch((folder / name).read_bytes(), name, ""))
+            for name in (*D.TRAIN_BATCHES, D.TEST_BATCH)}
+
+
+@pytest.fixture
+def known_copy(tmp_path, monkeypatch) -> Path:
+    """A tiny batches folder registered as a known copy (as the JPEG copy is)."""
+    folder = make_batches_dir(tmp_path / "copy")
+    monkeypatch.setattr(D, "KNOWN_COPIES", {"tiny copy": digests_of(folder)})
+    return folder
+
+
+def test_archive_with_the_official_name_must_be_the_official_one(tmp_path, monkeypatch):
+    """Issue 20, item 8: a cifar-10-python.tar.gz that is neither the official archive nor a
+    known copy (a flipped byte, an edited batch) is refused, not trained on."""
+    archive = make_archive(tmp_path)
+    with pytest.raises(CIFAR10Error, match=r"md5 is \w+, not the official archive's "
+                                           r"c58f3010.*match no known copy.*verify-data"):
+        load_cifar10(archive)
+    # a known copy repacked under the official name (../shared/cifar10/unpack.py --tar) loads
+    monkeypatch.setattr(D, "KNOWN_COPIES", {"repack": digests_of(tmp_path / "src" /
+                                                                 D.BATCHES_DIR)})
+    assert len(load_cifar10(archive, validation_size=10).y_test) == 20
+
+
+def test_verify_data_accepts_a_known_copy(known_copy):
+    report = D.verify_data(known_copy)
+    assert report.ok and report.problems == []
+    assert {b.match for b in report.batches} == {"tiny copy"}
+    text = "\n".join(report.lines())
+    assert "data_batch_1" in text and "test: 20 images, per class 2 to 2" in text
+
+
+def test_verify_data_finds_a_flipped_byte_in_one_batch(known_copy):
+    raw = bytearray((known_copy / "data_batch_2").read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # a pixel: the file still loads
+    (known_copy / "data_batch_2").write_bytes(bytes(raw))
+    assert len(load_cifar10(known_copy, validation_size=10).y_train) == 90
+    report = D.verify_data(known_copy)
+    assert len(report.problems) == 1
+    assert "data_batch_2: its contents differ from tiny copy" in report.problems[0]
+
+
+def test_verify_data_finds_labels_out_of_balance(tmp_path):
+    folder = make_batches_dir(tmp_path)
+    write_batch(folder / D.TEST_BATCH, fake_batch(20, seed=99)[0], [0] * 20)
+    report = D.verify_data(folder)
+    assert any("test images per class are 20, 0, 0" in p for p in report.problems)
+    assert any("neither the official release nor a copy" in n for n in report.notes)
+
+
+def test_verify_data_without_data_is_a_clear_error(tmp_path):
+    with pytest.raises(CIFAR10Error, match="no CIFAR-10 here"):
+        D.verify_data(data_dir=tmp_path)
+
+
+def test_verify_data_on_the_full_set(full_cifar10_dir):
+    report = D.verify_data(full_cifar10_dir)
+    assert report.ok, report.problems
+    assert len({b.match for b in report.batches}) == 1 and None not in {
+        b.match for b in report.batches}
 
 
 # --------------------------------------------------------------------------- splits

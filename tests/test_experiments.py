@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_grid_runs_each_configuration_once_per_seed():
     order = ex.run_order()
     keys = [(c.key, s) for c, s in order]
-    readme_configs = {k for e in ex.README_EXPERIMENTS for k in ex.EXPERIMENTS[e]}
-    assert len(keys) == len(set(keys)) == len(readme_configs) * len(ex.SEEDS) == 30
+    assert len(keys) == len(set(keys)) == len(ex.CONFIGS) * len(ex.SEEDS) == 30
     assert keys[:2] == [("baseline", 0), ("baseline", 1)]
     assert all(k in ex.CONFIGS for keys_ in ex.EXPERIMENTS.values() for k in keys_)
     assert ex.EPOCHS * ex.STEPS_PER_EPOCH == ex.BUDGET_BATCHES == 3000
@@ -192,12 +191,12 @@ def test_train_briefly_runs_the_recipe_and_lsuv():
     ("recipe/ladder_20", {"epochs": 20, "tta_shift": 1}),
 ])
 def test_each_recipe_configuration_removes_one_trick(key, expected):
-    args = cli.parse_arguments(ex.CONFIGS[key].command(0, "runs"))
+    args = cli.parse_arguments(ex.RECIPE_CONFIGS[key].command(0, "runs"))
     assert args.recipe == "fast" and args.run_id == ex.run_id(key, 0)
     assert args.run_id == key.replace("/", "_") + "_seed0"
     for name, value in expected.items():
         assert getattr(args, name) == value, (key, name, getattr(args, name))
-    full = cli.parse_arguments(ex.CONFIGS["recipe/full"].command(0, "runs"))
+    full = cli.parse_arguments(ex.RECIPE_CONFIGS["recipe/full"].command(0, "runs"))
     differ = {k for k in vars(args) if getattr(args, k) != getattr(full, k)}
     assert differ - {"run_id", "epochs"} <= set(expected), differ
 
@@ -237,14 +236,9 @@ def test_recipe_tables_read_the_committed_runs(tmp_path):
     assert ex.recipe_runs(tmp_path / "empty").empty  # no runs yet: an empty table, no error
 
 
-def test_the_runner_records_portable_paths(tmp_path):
-    import importlib.util
+def test_committed_configs_record_portable_paths():
+    from allcnn_lib.data import portable_config
 
-    spec = importlib.util.spec_from_file_location("runner", ROOT / "scripts" /
-                                                  "run_experiments.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    config = runner.portable_config({"runs_dir": str(Path.home() / ".cache" / "runs"),
-                                     "data_dir": None,
-                                     "run": {"data_source": str(ROOT / "data" / "x")}})
+    config = portable_config({"runs_dir": str(Path.home() / ".cache" / "runs"),
+                              "data_dir": None, "run": {"data_source": str(ROOT / "data" / "x")}})
     assert config["runs_dir"] == "~/.cache/runs" and config["run"]["data_source"] == "data/x"

@@ -7,6 +7,7 @@ in ``test_cli.py``.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from allcnn_lib import training
 from allcnn_lib.training import (
@@ -385,6 +387,134 @@ def test_backup_records_the_completed_epochs_in_the_weights_file(tmp_path):
     cb2.set_model(restored)
     cb2.on_train_begin()
     assert restored._initial_epoch == 3
+
+
+def _checkpointing(tmp_path: Path, model: keras.Model) -> tuple[list, training.CheckpointGuard]:
+    guard = training.CheckpointGuard()
+    callbacks = [
+        AtomicModelCheckpoint(str(tmp_path / "best.weights.h5"), monitor="val_accuracy",
+                              mode="max", save_best_only=True, save_weights_only=True,
+                              guard=guard),
+        AtomicModelCheckpoint(str(tmp_path / "last.weights.h5"), save_weights_only=True,
+                              guard=guard),
+        AtomicBackupAndRestore(str(tmp_path / "backup"), guard=guard),
+    ]
+    for cb in callbacks:
+        cb.set_model(model)
+    return callbacks, guard
+
+
+def _files(tmp_path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*.h5"))}
+
+
+def test_a_nan_state_never_replaces_a_good_checkpoint_or_backup(tmp_path):
+    """Issue 20, item 2: the epoch after a good one diverges (NaN weights, and a validation
+    accuracy that would count as an improvement); best, last and the backup keep the good
+    epoch, and training is told to stop."""
+    model = _tiny_model()
+    model.compile(optimizer="sgd", loss="mse")
+    callbacks, guard = _checkpointing(tmp_path, model)
+    for cb in callbacks:
+        cb.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.3})
+    good = _files(tmp_path)
+    assert set(good) == {"best.weights.h5", "last.weights.h5", "latest.weights.h5"}
+    kernel = model.get_layer("dense").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    for cb in callbacks:  # a finite training loss: only the weights show it
+        cb.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.5, "val_accuracy": 0.9})
+    assert _files(tmp_path) == good
+    assert guard.nonfinite_epoch == 1 and model.stop_training
+    assert backup_epoch(tmp_path / "backup") == 1
+    # and a NaN loss alone is enough
+    model2 = _tiny_model()
+    callbacks2, guard2 = _checkpointing(tmp_path / "two", model2)
+    callbacks2[1].on_epoch_end(0, {"loss": float("nan")})
+    assert guard2.nonfinite_epoch == 0 and not (tmp_path / "two" / "last.weights.h5").exists()
+
+
+def test_disk_full_mid_write_keeps_the_checkpoint_and_stops(tmp_path, monkeypatch):
+    """Issue 20, item 6: ENOSPC in the middle of a checkpoint: the previous file stays, no
+    temporary is left, the error names the file and the space, and training stops."""
+    model = _tiny_model()
+    callbacks, guard = _checkpointing(tmp_path, model)
+    last = callbacks[1]
+    last.on_epoch_end(0, {"loss": 1.0})
+    good = (tmp_path / "last.weights.h5").read_bytes()
+
+    def full(filepath, overwrite=True, **kwargs):
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+
+    monkeypatch.setattr(model, "save_weights", full)
+    last.on_epoch_end(1, {"loss": 0.9})
+    assert (tmp_path / "last.weights.h5").read_bytes() == good
+    assert _leftovers(tmp_path) == []
+    assert isinstance(guard.disk_full, training.DiskFullError) and model.stop_training
+    message = str(guard.disk_full)
+    assert "no space left on device for " in message and "last.weights.h5" in message
+    assert "MB free" in message and "\n" not in message
+    callbacks[2].on_epoch_end(1, {"loss": 0.9})  # the backup is not attempted after it
+    assert not (tmp_path / "backup" / "latest.weights.h5").exists()
+
+
+def test_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    model = _tiny_model()
+    callbacks, guard = _checkpointing(tmp_path, model)
+    monkeypatch.setattr(training, "free_bytes", lambda folder: 1000)
+    callbacks[1].on_epoch_end(0, {"loss": 1.0})
+    assert "needs about 1.3 MB, 0.0 MB free" in str(guard.disk_full)
+    assert not (tmp_path / "last.weights.h5").exists() and _leftovers(tmp_path) == []
+    with pytest.raises(training.DiskFullError, match="config.json"):
+        training.atomic_path(tmp_path / "config.json", size_hint=10).__enter__()
+
+
+def test_backup_carries_the_dropout_seed_state(tmp_path):
+    """Issue 20, item 15: a resumed run draws the dropout masks the uninterrupted run drew."""
+    def model_with_dropout() -> keras.Model:
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Dropout(0.5, seed=1)(inputs))
+
+    model = model_with_dropout()
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((8, 4), "float32")
+    model(x, training=True)  # advances the seed generator
+    cb = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    cb.set_model(model)
+    cb.on_epoch_end(0, {})
+    expected = keras.ops.convert_to_numpy(model(x, training=True))
+
+    resumed = model_with_dropout()
+    resumed.compile(optimizer="sgd", loss="mse")
+    cb2 = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    cb2.set_model(resumed)
+    cb2.on_train_begin()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(resumed(x, training=True)),
+                                  expected)
+
+
+def test_fast_forward_gives_the_epochs_data_of_an_uninterrupted_fit(cifar_sample):
+    """Issue 20, item 15: after ``fast_forward(k)``, ``fit``'s epoch k sees the batches (order,
+    shifts, flips) it would have seen without the interruption, finite or endless stream."""
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+    x, y = cifar_sample.x_train[:96], cifar_sample.y_train[:96]
+
+    def epochs_seen(skip: int, steps: int | None) -> list[list[float]]:
+        ds = make_dataset(x, y, 32, training=True, augment=True, seed=3,
+                          repeat=steps is not None)
+        ds = training.fast_forward(ds, skip, 3, repeat=steps is not None)
+        walker = TFEpochIterator(x=ds, distribute_strategy=tf.distribute.get_strategy(),
+                                 steps_per_execution=1, steps_per_epoch=steps)
+        seen = []
+        for _ in range(3 - skip):
+            seen.append([float(np.asarray(next(it)[0]).sum()) for _, _, it in walker])
+        return seen
+
+    for steps in (None, 3):
+        whole = epochs_seen(0, steps)
+        assert whole[1] != whole[2]
+        assert epochs_seen(2, steps) == whole[2:]
 
 
 # --------------------------------------------------------------------------- logs
