@@ -323,10 +323,10 @@ def _simulated_full_disk(disk: Path, ref_dir: Path, monkeypatch) -> None:
 
 
 def test_committed_files_record_no_machine_paths():
-    """Committed run records and benchmark results name paths relative to the repository or
-    to ``~``, never this machine's absolute paths."""
-    files = [*ROOT.glob("results/*/seed*/config.json"), *ROOT.glob("data/final_model/*.json"),
-             *ROOT.glob("benchmarks/results/**/*.json")]
+    """Committed run records, benchmark results and saved notebook outputs name paths relative
+    to the repository or to ``~``, never this machine's absolute paths."""
+    files = [*ROOT.glob("results/**/*.json"), *ROOT.glob("data/final_model/*.json"),
+             *ROOT.glob("benchmarks/results/**/*.json"), *ROOT.glob("notebooks/*.ipynb")]
     assert files
     machine = {str(ROOT), str(Path.home()), "/root/", "/home/"}
     for path in files:
