@@ -437,6 +437,17 @@ def _read_source(source: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return read_batches_dir(source)
 
 
+def _locate(path: str | os.PathLike | None, path_name: str, data_dir: Path) -> Path | None:
+    """The CIFAR-10 copy to read: ``path`` (named ``path_name`` in errors), else
+    ``$CIFAR10_DIR``, else the batches folder or the archive under ``data_dir`` (None when
+    neither is there). An explicit location that holds no data is an error."""
+    if path is not None:
+        return _explicit(Path(path), path_name)
+    if os.environ.get("CIFAR10_DIR"):
+        return _explicit(Path(os.environ["CIFAR10_DIR"]), "$CIFAR10_DIR")
+    return _resolve(data_dir / BATCHES_DIR) or _resolve(data_dir / ARCHIVE_NAME)
+
+
 def _explicit(path: Path, origin: str) -> Path:
     found = _resolve(path)
     if found is None:
@@ -499,12 +510,8 @@ def load_cifar10(
     source: Path | None = None
     if use_sample:
         source = data_dir / SAMPLE_NAME
-    elif path is not None:
-        source = _explicit(Path(path), path_name)
-    elif os.environ.get("CIFAR10_DIR"):
-        source = _explicit(Path(os.environ["CIFAR10_DIR"]), "$CIFAR10_DIR")
     else:
-        source = _resolve(data_dir / BATCHES_DIR) or _resolve(data_dir / ARCHIVE_NAME)
+        source = _locate(path, path_name, data_dir)
         if source is None and download:
             try:
                 source = download_cifar10(data_dir, downloader)
@@ -638,15 +645,10 @@ def verify_data(path: str | os.PathLike | None = None, *,
     Raises ``CIFAR10Error`` when no data is found or a file cannot be read at all.
     """
     data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-    if path is not None:
-        source = _explicit(Path(path), path_name)
-    elif os.environ.get("CIFAR10_DIR"):
-        source = _explicit(Path(os.environ["CIFAR10_DIR"]), "$CIFAR10_DIR")
-    else:
-        source = _resolve(data_dir / BATCHES_DIR) or _resolve(data_dir / ARCHIVE_NAME)
-        if source is None:
-            raise CIFAR10Error(f"{data_dir}: no CIFAR-10 here ({BATCHES_DIR}/ or {ARCHIVE_NAME}) "
-                               f"to verify. Fix: {GET_FULL_SET}")
+    source = _locate(path, path_name, data_dir)
+    if source is None:
+        raise CIFAR10Error(f"{data_dir}: no CIFAR-10 here ({BATCHES_DIR}/ or {ARCHIVE_NAME}) "
+                           f"to verify. Fix: {GET_FULL_SET}")
     notes: list[str] = []
     problems: list[str] = []
     names = (*TRAIN_BATCHES, TEST_BATCH)
