@@ -62,6 +62,7 @@ from pathlib import Path
 
 from common import (
     RESULTS_DIR,
+    batch_timer,
     bf16_peak,
     conv_macs,
     cpu_info,
@@ -165,21 +166,9 @@ def _keras_child(variant: str, batches: list[int], steps: int, warmup: int, thre
                  policy: str, images: int) -> list[dict]:
     """Steady-state images/s of the recipe path (``variant`` recipe or recipe-stock-bn)."""
     _keras_setup(variant, policy, threads)
-    import keras
 
     from allcnn_lib.preprocessing import Standardizer
     from allcnn_lib.training import standardize_preprocess
-
-    class Timer(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.times: list[float] = []
-
-        def on_train_batch_begin(self, b, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, b, logs=None):
-            self.times.append(time.perf_counter() - self.t0)
 
     x, y, _, _, source = _data(max(images, max(batches)))
     preprocess = standardize_preprocess(Standardizer().fit(x))
@@ -190,7 +179,7 @@ def _keras_child(variant: str, batches: list[int], steps: int, warmup: int, thre
         pipe = spread(step_times(lambda it=it: next(it), steps, warmup), batch)
         del it
         model = _keras_model(max(1, len(x) // batch))
-        timer = Timer()
+        timer = batch_timer()
         model.fit(ds, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer], verbose=0)
         times = timer.times
         macs = conv_macs(model)

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from common import step_times, tiled
+from common import batch_timer, step_times, tiled
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
 
@@ -40,24 +40,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
 def median_time(step: Callable[[], object], steps: int, warmup: int) -> float:
     """Median seconds of ``step()`` over ``steps`` calls after ``warmup`` calls."""
     return statistics.median(step_times(step, steps, warmup))
-
-
-def batch_timer():
-    """A Keras callback that records the seconds of every training batch in ``.times``."""
-    import keras
-
-    class BatchTimer(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.times: list[float] = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self._start)
-
-    return BatchTimer()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,3 +144,21 @@ def conv_macs(model) -> int:
             kh, kw, cin, cout = layer.kernel.shape
             total += int(h) * int(w) * int(kh) * int(kw) * int(cin) * int(cout)
     return total
+
+
+def batch_timer():
+    """A Keras callback that records the seconds of every training batch in ``.times``."""
+    import keras
+
+    class BatchTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self._start)
+
+    return BatchTimer()
