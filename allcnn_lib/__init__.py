@@ -1,8 +1,9 @@
 """allcnn_lib: the helper library of the All-CNN / LSUV course notebooks.
 
-Modules follow the data flow: ``data`` -> ``preprocessing`` -> ``models`` -> ``initializers``
--> ``training`` -> ``evaluation`` -> ``plots``; ``notebook`` sets up a notebook's first cell and
-``cli`` is the ``allcnn`` command.
+Modules follow the data flow: ``data`` -> ``preprocessing`` -> ``models`` / ``initializers`` ->
+``training`` -> ``evaluation``, with ``analysis`` and ``plots`` beside them; ``runs`` reads and
+writes a run folder (no TensorFlow); ``notebook`` sets up a notebook's first cell and ``cli`` is
+the ``allcnn`` command.
 """
 
 import os as _os

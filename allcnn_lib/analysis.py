@@ -1,18 +1,11 @@
-"""Looking inside a network: activation statistics per layer, batch norm folded into the convs,
-and the input-gradient maps of Springenberg et al. (2014), Section 4: plain gradients,
-deconvnet (Zeiler & Fergus 2014) and guided backpropagation. Notebooks 11 (batch
-normalization) and 12 (guided backpropagation) are built on it.
+"""Looking inside a trained network (notebooks 11 and 12, TensorFlow backend): batch norm folded
+into the convs, and the input-gradient maps of Springenberg et al. (2014), Section 4.
 
 The three maps differ only in what a ReLU ``y = max(x, 0)`` sends back to its input, given the
-gradient ``g = dL/dy`` that reaches it from above (the paper's Section 4):
-
-- ``"gradient"``: ``g * (x > 0)``, ordinary backpropagation (the saliency map);
-- ``"deconvnet"``: ``g * (g > 0)``, whatever ``x`` was (Zeiler & Fergus' deconvnet);
-- ``"guided"``: ``g * (x > 0) * (g > 0)``, both masks: guided backpropagation.
-
-Convolutions are undone by their transpose in all three, which is what the ordinary gradient
-already does, so a copy of the model whose ReLU layers follow one rule (``with_relu_backward``)
-and ``tf.GradientTape`` give each map. TensorFlow backend.
+gradient ``g = dL/dy`` from above: ``"gradient"`` ``g * (x > 0)`` (plain backpropagation),
+``"deconvnet"`` ``g * (g > 0)`` (Zeiler & Fergus 2014) and ``"guided"`` ``g * (x > 0) * (g > 0)``
+(guided backpropagation). A copy of the model whose ReLUs follow one rule
+(``with_relu_backward``) and ``tf.GradientTape`` give each map.
 """
 
 from __future__ import annotations
@@ -26,21 +19,10 @@ import pandas as pd
 import tensorflow as tf
 from keras import ops
 
-__all__ = [
-    "RELU_BACKWARD_METHODS", "relu_backward",
-    "relu_with_backward", "BackwardRuleReLU", "with_relu_backward", "input_gradients",
-    "strongest_units", "gradient_image", "activation_statistics", "class_score_summary",
-    "fold_batch_norm", "inference_speed", "receptive_field_box", "kernel_images",
-]
+from allcnn_lib.signal_propagation import activation_statistics  # noqa: F401 (notebook 11)
 
 #: The ReLU backward rules of Section 4, by name (see the module's docstring).
 RELU_BACKWARD_METHODS = ("gradient", "deconvnet", "guided")
-
-
-# --------------------------------------------------------------------------- loading
-
-
-# --------------------------------------------------------------------------- the ReLU rules
 
 
 def relu_backward(x, upstream, method: str):
@@ -104,14 +86,6 @@ def with_relu_backward(model: keras.Model, method: str) -> keras.Model:
     return keras.models.clone_model(model, clone_function=swap)
 
 
-def _pick_channel(outputs, channel: int | Sequence[int]):
-    """``outputs[..., channel]``, with one channel for all images or one per image."""
-    channels = np.broadcast_to(np.asarray(channel), (int(outputs.shape[0]),))
-    one_hot = ops.one_hot(channels, int(outputs.shape[-1]), dtype=outputs.dtype)
-    one_hot = ops.reshape(one_hot, (len(channels),) + (1,) * (len(outputs.shape) - 2) + (-1,))
-    return ops.sum(outputs * one_hot, axis=-1)
-
-
 def input_gradients(model: keras.Model, images: np.ndarray, layer: str,
                     method: str = "guided", channel: int | Sequence[int] | None = None,
                     position: tuple[int, int] | None = None) -> np.ndarray:
@@ -120,16 +94,18 @@ def input_gradients(model: keras.Model, images: np.ndarray, layer: str,
     output) of the layer, or of one ``channel`` (an int, or one per image, e.g. the predicted
     classes at ``global_average_pooling``), or at one ``(row, col)`` position of a map.
     Inference mode; the result has the shape of ``images``."""
-    probe = keras.Model(model.input, model.get_layer(layer).output)
-    probe = with_relu_backward(probe, method)
+    probe = with_relu_backward(keras.Model(model.input, model.get_layer(layer).output), method)
     x = tf.convert_to_tensor(np.asarray(images, np.float32))
     with tf.GradientTape() as tape:
         tape.watch(x)
         outputs = probe(x, training=False)
         if position is not None:
             outputs = outputs[:, position[0], position[1]]
-        if channel is not None:
-            outputs = _pick_channel(outputs, channel)
+        if channel is not None:  # outputs[i, ..., channel[i]]
+            channels = np.broadcast_to(np.asarray(channel), (len(images),))
+            one_hot = ops.one_hot(channels, int(outputs.shape[-1]), dtype=outputs.dtype)
+            shape = (len(images),) + (1,) * (len(outputs.shape) - 2) + (-1,)
+            outputs = ops.sum(outputs * ops.reshape(one_hot, shape), axis=-1)
         strongest = ops.sum(ops.max(ops.reshape(outputs, (len(images), -1)), axis=1))
     return ops.convert_to_numpy(tape.gradient(strongest, x))
 
@@ -152,39 +128,31 @@ def gradient_image(gradient: np.ndarray, percentile: float = 99.0) -> np.ndarray
     return np.clip(0.5 + 0.5 * gradient / np.maximum(scale, 1e-12), 0.0, 1.0)
 
 
+def kernel_images(kernel: np.ndarray) -> np.ndarray:
+    """A ``(k, k, 3, filters)`` first-layer kernel as ``filters`` RGB images in [0, 1], each
+    scaled on its own so that zero is mid-grey and its largest weight black or white."""
+    filters = np.moveaxis(np.asarray(kernel, np.float64), -1, 0)
+    scale = np.abs(filters).max(axis=(1, 2, 3), keepdims=True)
+    return 0.5 + 0.5 * filters / np.maximum(scale, 1e-12)
+
+
+def receptive_field_box(table: pd.DataFrame, layer: str, row: int, col: int
+                        ) -> tuple[float, float, int]:
+    """``(top, left, side)`` in input pixels of the window that unit ``(row, col)`` of
+    ``layer`` sees, from ``architecture.layer_table``; it may reach into the zero padding."""
+    rf, jump, centre = (table.loc[layer, c] for c in ("receptive_field", "jump", "centre"))
+    half = (rf - 1) / 2
+    return centre + row * jump - half, centre + col * jump - half, int(rf)
+
+
 # --------------------------------------------------------------------------- batch norm
-
-
-def activation_statistics(model: keras.Model, images: np.ndarray,
-                          layers: Sequence[str] | None = None, *,
-                          training: bool = False) -> pd.DataFrame:
-    """Per layer (default: every ReLU), over ``images``: the mean and standard deviation of
-    the outputs, the fraction of outputs that are zero, and the fraction of channels that are
-    zero for every image at every position (dead channels). ``training=True`` measures what
-    training sees (batch statistics, dropout) and leaves the moving statistics unchanged."""
-    names = list(layers or [la.name for la in model.layers
-                            if isinstance(la, keras.layers.ReLU)])
-    probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
-    saved = [ops.convert_to_numpy(v) for v in model.non_trainable_variables]
-    outputs = probe(np.asarray(images, np.float32), training=training)
-    for variable, value in zip(model.non_trainable_variables, saved, strict=True):
-        variable.assign(value)  # a training-mode call moves the moving statistics
-    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-    rows = {}
-    for name, out in zip(names, outputs, strict=True):
-        out = np.asarray(ops.convert_to_numpy(out), np.float64)
-        per_channel = out.reshape(-1, out.shape[-1])
-        rows[name] = {"mean": out.mean(), "std": out.std(), "zero fraction": np.mean(out == 0),
-                      "dead channels": np.mean(per_channel.max(axis=0) <= 0)}
-    return pd.DataFrame(rows).T
 
 
 def class_score_summary(model: keras.Model, images: np.ndarray, labels: np.ndarray,
                         scores_layer: str = "global_average_pooling") -> dict[str, float]:
-    """How alive a network's class scores (the output of ``scores_layer``, before the
-    softmax) are on ``images``, in inference mode: the accuracy, the number of distinct
-    predicted classes, and the spread of the scores (their standard deviation over the images,
-    averaged over the classes): 0 when every image gets the same scores."""
+    """How alive the class scores (``scores_layer``'s output) are on ``images``, in inference
+    mode: the accuracy, the number of distinct predicted classes, and the scores' spread (std
+    over the images, averaged over the classes; 0 when every image gets the same scores)."""
     probe = keras.Model(model.input, model.get_layer(scores_layer).output)
     scores = np.asarray(ops.convert_to_numpy(probe(np.asarray(images, np.float32),
                                                    training=False)), np.float64)
@@ -240,24 +208,3 @@ def inference_speed(model: keras.Model, images: np.ndarray, *, batch_size: int =
         ops.convert_to_numpy(last)
         seconds.append(time.perf_counter() - start)
     return len(images) / float(np.median(seconds[1:]))
-
-
-# --------------------------------------------------------------------------- seeing the net
-
-
-def receptive_field_box(table: pd.DataFrame, layer: str, row: int, col: int
-                        ) -> tuple[float, float, int]:
-    """``(top, left, side)`` in input pixels of the window that unit ``(row, col)`` of
-    ``layer`` sees, from ``architecture.layer_table`` (receptive field, jump, centre); the
-    window may reach into the zero padding outside the image."""
-    rf, jump, centre = (table.loc[layer, c] for c in ("receptive_field", "jump", "centre"))
-    half = (rf - 1) / 2
-    return centre + row * jump - half, centre + col * jump - half, int(rf)
-
-
-def kernel_images(kernel: np.ndarray) -> np.ndarray:
-    """A ``(k, k, 3, filters)`` first-layer kernel as ``filters`` RGB images in [0, 1], each
-    scaled on its own so that zero is mid-grey and its largest weight black or white."""
-    filters = np.moveaxis(np.asarray(kernel, np.float64), -1, 0)
-    scale = np.abs(filters).max(axis=(1, 2, 3), keepdims=True)
-    return 0.5 + 0.5 * filters / np.maximum(scale, 1e-12)

@@ -27,24 +27,26 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from allcnn_lib import runs
 from allcnn_lib.data import CIFAR10, CIFAR10Error, load_cifar10, verify_data
 from allcnn_lib.recipes import RECIPES, cpu_has_bf16
+from allcnn_lib.runs import (
+    ARCHS,
+    INITIALIZERS,
+    NETWORK_DEFAULTS,
+    OPTIMIZERS,
+    SCHEDULES,
+    VARIANTS,
+    TrainConfig,
+)
 
+# No TensorFlow at import: bad flags, a missing file or a damaged config.json fail fast.
 PROG = "allcnn"
 COMMANDS = ("train", "evaluate", "plot", "verify-data")
-
-# Kept in step with allcnn_lib.training (not imported here: it loads TensorFlow, and bad flags
-# or a missing file should fail fast).
-ARCHS = ("modelc", "strided", "allcnn")
-VARIANTS = ("paper", "seed")
-INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
-                "orthogonal", "lsuv")
-OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("paper", "cosine", "constant", "seed", "onecycle")
+DEFAULTS = TrainConfig()  # the defaults of ``allcnn train``, defined once in TrainConfig
 
 
 class CLIError(Exception):
@@ -131,8 +133,7 @@ MAX_SHIFT_PX = 16
 #: Network defaults of ``allcnn train``. The parser's defaults are None, so that ``-train 0``
 #: (evaluate) can tell a flag that was given from one that was not and let the run's
 #: config.json decide the rest.
-MODEL_DEFAULTS = {"arch": "allcnn", "variant": "paper", "batch_norm": False, "dropout": True,
-                  "class_relu": True}
+MODEL_DEFAULTS = NETWORK_DEFAULTS
 
 
 def _model_options(p: argparse.ArgumentParser, *, training: bool) -> None:
@@ -211,73 +212,74 @@ def build_parser() -> argparse.ArgumentParser:
                         "translations and flips, standardization, patch-whitened conv1, EMA, "
                         "test-time flips and 1 px translations, bfloat16 where the CPU has "
                         "AVX512_BF16, 40 epochs; flags given explicitly override it")
-    t.add_argument("-init", "--init", choices=INITIALIZERS, default="glorot_uniform",
-                   help="weight initializer; lsuv = orthogonal + LSUV (default: glorot_uniform)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                   help="sgd (momentum 0.9, Nesterov), rmsprop or adam (default: sgd)")
+    t.add_argument("-init", "--init", choices=INITIALIZERS, default=DEFAULTS.init,
+                   help="weight initializer; lsuv = orthogonal + LSUV (default: %(default)s)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer,
+                   help="sgd (momentum 0.9, Nesterov), rmsprop or adam (default: %(default)s)")
     t.add_argument("--lr", "--learning-rate", dest="learning_rate",
                    type=_number(0, open_low=True),
                    help="learning rate (default: sgd 0.01, rmsprop and adam 0.001)")
-    t.add_argument("--rho", type=_number(0, 1, open_high=True), default=0.9,
-                   help="RMSprop's rho (default 0.9; 0.0 is the seed's unstable setting)")
-    t.add_argument("--schedule", choices=SCHEDULES, default="paper",
+    t.add_argument("--rho", type=_number(0, 1, open_high=True), default=DEFAULTS.rho,
+                   help="RMSprop's rho (default %(default)s; 0.0 is the seed's unstable setting)")
+    t.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS.schedule,
                    help="learning-rate schedule: paper (x0.1 at 200/250/300 of 350 epochs, "
                         "scaled), cosine (warm-up + cosine), constant, seed (Keras-2 "
                         "decay=1e-6), onecycle (linear up over 20%% of the steps, then "
-                        "linear down to 0) (default: paper)")
-    t.add_argument("-epochs", "--epochs", type=_positive_int, default=350,
-                   help="epochs (default: 350, the paper's)")
+                        "linear down to 0) (default: %(default)s)")
+    t.add_argument("-epochs", "--epochs", type=_positive_int, default=DEFAULTS.epochs,
+                   help="epochs (default: %(default)s, the paper's)")
     t.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
                    help="an epoch is N batches of an endless reshuffled stream, validated "
                         "after each (e.g. --epochs 10 --steps-per-epoch 300 = 3,000 batches); "
                         "default: one pass over the training split")
     t.add_argument("-batchsize", "--batch-size", dest="batch_size", type=_positive_int,
-                   default=128, help="batch size (default: 128)")
-    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="random shifts of up to 10%% and horizontal flips (default: on)")
+                   default=DEFAULTS.batch_size, help="batch size (default: %(default)s)")
+    for flag, text in (  # on/off switches, each --X / --no-X
+            ("--augment", "random shifts of up to 10%% and horizontal flips"),
+            ("--whiten-init", "initialize conv1 with ZCA whitening filters fitted on 3x3 "
+                              "training patches"),
+            ("--ema", "keep an exponential moving average of the weights (momentum 0.99) and "
+                      "end with it, batch norm re-estimated under it"),
+            ("--normalize", "standardize each channel with the training split's mean and std "
+                            "(not with --zca)"),
+            ("--zca", "the paper's preprocessing: global contrast normalization (norm 55) and "
+                      "ZCA whitening fitted on the training split"),
+            ("--mixed-precision", "train under the mixed_bfloat16 policy (needs a CPU with "
+                                  "AVX512_BF16, or a GPU)")):
+        t.add_argument(flag, action=argparse.BooleanOptionalAction, help=text,
+                       default=getattr(DEFAULTS, flag[2:].replace("-", "_")))
     t.add_argument("--max-shift", type=_int_range(0, MAX_SHIFT_PX), metavar="PX",
                    help="largest translation in pixels (default: 10%% of the side, 3 px)")
-    t.add_argument("--shift-fill", choices=("zero", "reflect"), default="zero",
+    t.add_argument("--shift-fill", choices=runs.SHIFT_FILLS, default=DEFAULTS.shift_fill,
                    help="border of a translated image: zeros, or the image mirrored at its "
-                        "edge (= a random crop of the reflect-padded image) (default: zero)")
-    t.add_argument("--whiten-init", action=argparse.BooleanOptionalAction, default=False,
-                   help="initialize conv1 with ZCA whitening filters fitted on 3x3 training "
-                        "patches (default: off)")
-    t.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep an exponential moving average of the weights (momentum 0.99) "
-                        "and end with it, batch norm re-estimated under it (default: off)")
-    t.add_argument("--train-on", choices=("split", "all"), default="split",
-                   help="split: 45,000 training + 5,000 validation images; all: train on all "
-                        "50,000, no validation, the last epoch is the result (default: split)")
+                        "edge (= a random crop of the reflect-padded image) (default: %(default)s)")
+    t.add_argument("--train-on", choices=runs.TRAIN_ON, default=DEFAULTS.train_on,
+                   help="split: 45,000 training + 5,000 validation images; all: train on "
+                        "all 50,000, no validation, the last epoch is the result "
+                        "(default: %(default)s)")
     _tta_options(t)
-    t.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
-                   help="standardize each channel with the training split's mean and std "
-                        "(default: off; not with --zca)")
-    t.add_argument("--zca", action=argparse.BooleanOptionalAction, default=False,
-                   help="the paper's preprocessing: global contrast normalization (norm 55) "
-                        "and ZCA whitening fitted on the training split (default: off)")
-    t.add_argument("--zca-epsilon", type=_number(0, open_low=True), default=0.1,
-                   help="added to the covariance's eigenvalues (default 0.1, the paper's)")
-    t.add_argument("--bn-momentum", type=_number(0, 1, open_high=True), default=0.99,
-                   help="decay of batch norm's moving statistics (default 0.99, Keras'; 0.9 "
+    t.add_argument("--zca-epsilon", type=_number(0, open_low=True), default=DEFAULTS.zca_epsilon,
+                   help="added to the covariance's eigenvalues (default %(default)s, the paper's)")
+    t.add_argument("--bn-momentum", type=_number(0, 1, open_high=True),
+                   default=DEFAULTS.bn_momentum,
+                   help="decay of batch norm's moving statistics (default %(default)s, Keras'; 0.9 "
                         "follows the weights faster, PyTorch's default)")
-    t.add_argument("--weight-decay", type=_number(0), default=5e-4,
-                   help="L2 factor on the conv kernels (default 5e-4)")
-    t.add_argument("--label-smoothing", type=_number(0, 1, open_high=True), default=0.0,
-                   help="label smoothing of the cross-entropy (default 0)")
-    t.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0,
-                   help="random seed (default 0)")
-    t.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
+    t.add_argument("--weight-decay", type=_number(0), default=DEFAULTS.weight_decay,
+                   help="L2 factor on the conv kernels (default %(default)s)")
+    t.add_argument("--label-smoothing", type=_number(0, 1, open_high=True),
+                   default=DEFAULTS.label_smoothing,
+                   help="label smoothing of the cross-entropy (default %(default)s)")
+    t.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=DEFAULTS.seed,
+                   help="random seed (default %(default)s)")
+    t.add_argument("--runs-dir", default=DEFAULTS.runs_dir,
+                   help="where run folders go (default: %(default)s/)")
     t.add_argument("--backup-dir",
                    help="BackupAndRestore folder for resuming "
                         "(default: ~/.cache/allcnn/backup/<id>)")
     t.add_argument("--overwrite", action="store_true",
                    help="train runs/<id>/ again from scratch even when it holds a finished "
                         "run (without it, that is refused) or a backup to resume from")
-    t.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=False,
-                   help="train under the mixed_bfloat16 policy (needs a CPU with AVX512_BF16, "
-                        "or a GPU)")
-    t.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+    t.add_argument("--distribute", choices=runs.DISTRIBUTE, default=DEFAULTS.distribute,
                    help="mirrored: tf.distribute.MirroredStrategy over all GPUs (or logical "
                         "CPU devices)")
     t.add_argument("--verbose", action="store_true",
@@ -335,31 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up chatter (CUDA probes) kept off stderr.
-
-    Those lines come from native code while the library loads, before any Python logging
-    setting applies, so file descriptor 2 is pointed at a temporary file for the import; what
-    it caught is replayed if the import fails. ``ALLCNN_DEBUG=1`` leaves stderr alone.
-    """
+    """Import TensorFlow with its C++ start-up chatter (CUDA probes) kept off stderr
+    (``ALLCNN_DEBUG=1`` leaves stderr alone)."""
     if "tensorflow" in sys.modules or os.environ.get("ALLCNN_DEBUG"):
         return
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "2":  # the package's default: quieter
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            caught.seek(0)
-            sys.stderr.write(caught.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    from allcnn_lib.notebook import silenced_stderr
 
+    with silenced_stderr():
+        import tensorflow  # noqa: F401
 
 
 def _note_ignored(args: argparse.Namespace) -> None:
@@ -375,40 +362,18 @@ def _require_file(path: str | os.PathLike) -> Path:
     return path
 
 
-#: ``keras.Model.name`` of each ``--arch`` (as in ``allcnn_lib.training.MODEL_NAMES``).
-MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
-
-
 def _check_arch_early(weights: Path, arch: str | None) -> None:
     """Fail fast, before TensorFlow loads, when ``--arch`` names another network than the one
-    a ``.weights.h5`` file was saved from (its model name, read with h5py). Anything subtler
-    (batch norm, variant) is caught by the full check when the weights are loaded."""
+    a ``.weights.h5`` file was saved from. Anything subtler (batch norm, variant) is caught by
+    the full check when the weights are loaded."""
     if arch is None or not weights.name.endswith(".h5"):
         return
     try:
-        import h5py
-
-        with h5py.File(weights, "r") as f:
-            name = f["vars"].attrs.get("name")
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            sizes: list[int] = []
-            f["layers"].visititems(lambda _, obj: sizes.append(obj.size)
-                                   if isinstance(obj, h5py.Dataset) else None)
-            bn = any("batch_normalization" in key for key in f["layers"])
-    except Exception:  # unreadable or unusual: the full check reports it
+        saved = runs.read_weights_summary(weights)
+    except runs.WeightsMismatchError:  # unreadable: the full check reports it
         return
-    want = MODEL_NAMES[arch]
-    saved_arch = next((k for k, v in MODEL_NAMES.items() if v == name), None)
-    if saved_arch and name != want:
-        what = f"{name}{' with batch norm' if bn else ''} ({sum(sizes):,} params)"
-        raise CLIError(f"{weights.name} holds weights for {what} but the model is {want}; "
-                       f"pass --arch {saved_arch}")
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
+    want = runs.WeightsSummary(Path(), runs.MODEL_NAMES[arch], {}, frozenset())
+    runs.check_weights(saved, want)
 
 
 def _check_writable(folder: str | os.PathLike, flag: str, fix: str | None = None) -> None:
@@ -416,56 +381,27 @@ def _check_writable(folder: str | os.PathLike, flag: str, fix: str | None = None
     written: a file in the way, no permission, a read-only file system."""
     folder = Path(folder).expanduser()
     fix = fix or f"choose a writable {flag}"
-    existing = _nearest_existing(folder.absolute())
+    existing = runs.nearest_existing(folder.absolute())
     if not existing.is_dir():
         raise CLIError(f"{flag} {folder}: cannot write there ({existing} is a file, not a "
                        f"folder); {fix}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only(existing) else "permission denied"
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "read-only file system" if read_only else "permission denied"
         where = "" if existing == folder.absolute() else f" on {existing}"
         raise CLIError(f"{flag} {folder}: cannot write there ({why}{where}); {fix}")
 
 
-def _read_only(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def _read_json(path: Path, what: str) -> dict[str, object]:
-    """A run's JSON file, or a one-line error that names it and the fix."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        problem = (f"not valid JSON (truncated or edited? {err.msg} at line {err.lineno})"
-                   if isinstance(err, json.JSONDecodeError) else
-                   f"unreadable ({getattr(err, 'strerror', None) or err})")
-        raise CLIError(f"{path}: {problem}; {what}") from None
-    if not isinstance(value, dict):
-        raise CLIError(f"{path}: holds a {type(value).__name__}, not a run's settings; {what}")
-    return value
-
-
-def _config_beside(weights: Path) -> dict[str, object] | None:
-    """The config.json beside a weights file (None when there is none), checked before
-    TensorFlow loads, so that a damaged one is one line that names it."""
-    path = weights.parent / "config.json"
-    if not path.is_file():
-        return None
-    return _read_json(path, "it describes the network of " + weights.name + ": restore it, or "
-                            "move it away and give the network's flags (--arch, --bn, "
-                            "--dropout)")
-
-
 def _refuse_finished(run_dir: Path, run_id: str) -> None:
     """A finished run is never trained again silently: stop with a line that says so."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
     fix = (f"pass --overwrite to train it again from scratch, or choose a new --id (e.g. "
            f"--id {run_id}_2)")
-    run = _read_json(path, f"it belongs to the run in {run_dir}: {fix}").get("run") or {}
+    config = runs.load_run_config(run_dir / runs.CONFIG_JSON,
+                                  f"it belongs to the run in {run_dir}: {fix}") or {}
+    run = config.get("run")
     status = run.get("status") if isinstance(run, dict) else None
     if status not in ("finished", "terminated_on_nan"):
         return
@@ -477,11 +413,6 @@ def _refuse_finished(run_dir: Path, run_id: str) -> None:
         f"best val_accuracy {best:.4f}" if isinstance(best, float) else "") if part)
     raise CLIError(f"run {run_id} in {run_dir} is already {what}"
                    + (f" ({detail})" if detail else "") + f"; {fix}")
-
-
-def default_run_id(args: argparse.Namespace) -> str:
-    """The run name when ``--id`` is not given (as ``TrainConfig`` names runs)."""
-    return args.run_id or f"{_network(args)['arch']}_{args.init}_{args.optimizer}_seed{args.seed}"
 
 
 def _check_batches(limit: int | None, batch_size: int, train_on: str) -> None:
@@ -509,7 +440,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _note_ignored(args)
     run_dir = Path(args.runs_dir) / (args.run_id or "")
     if not args.do_train:
-        weights = args.weights or (run_dir / "best.weights.h5" if args.run_id else None)
+        weights = args.weights or (run_dir / runs.BEST_WEIGHTS if args.run_id else None)
         if weights is None:
             raise CLIError("-train 0 needs -weightspath PATH (or -id ID of a run)")
         eval_args = argparse.Namespace(
@@ -521,22 +452,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.normalize and args.zca:
         raise CLIError("--normalize and --zca are two preprocessings: choose one")
     _check_batches(args.limit, args.batch_size, args.train_on)
-    run_id = default_run_id(args)
-    run_dir = Path(args.runs_dir) / run_id
+    names = ("init", "optimizer", "learning_rate", "rho", "schedule", "epochs",
+             "steps_per_epoch", "batch_size", "augment", "normalize", "zca", "zca_epsilon",
+             "weight_decay", "label_smoothing", "limit", "seed", "distribute", "data_dir",
+             "runs_dir", "backup_dir", "shift_fill", "whiten_init", "ema", "train_on",
+             "tta_flip", "tta_shift", "bn_momentum", "recipe")
+    config = TrainConfig(
+        run_id=args.run_id, **{k: v if (v := getattr(args, k)) is not None else d
+                               for k, d in MODEL_DEFAULTS.items()},
+        **{k: getattr(args, k) for k in names}, verbose=True if args.verbose else None,
+        **({} if args.max_shift is None else {"max_shift": args.max_shift}))
     if not args.overwrite:
-        _refuse_finished(run_dir, run_id)
+        _refuse_finished(config.run_dir, config.run_id)
     _check_writable(args.runs_dir, "--runs-dir")
-    backup_dir = args.backup_dir or Path.home() / ".cache" / "allcnn" / "backup" / run_id
-    _check_writable(backup_dir, "--backup-dir")
-    initial = None
+    _check_writable(config.resolved_backup_dir(), "--backup-dir")
     if args.retrain:
-        initial = args.weights or (run_dir / "last.weights.h5" if args.run_id else None)
+        initial = args.weights or (run_dir / runs.LAST_WEIGHTS if args.run_id else None)
         if initial is None:
             raise CLIError("-retrain 1 needs -weightspath PATH (or -id ID of a run)")
         initial = _require_file(initial)
-        _check_arch_early(initial, _network(args)["arch"])
-        initial = str(initial)
-    mixed_precision = _resolve_mixed_precision(args.mixed_precision)
+        _check_arch_early(initial, config.arch)
+        config.initial_weights = str(initial)
+    config.mixed_precision = _resolve_mixed_precision(args.mixed_precision)
     data = _load_data(args.data_dir, args.limit, limit=args.limit, seed=args.seed,
                       validation_size=0 if args.train_on == "all" else None)
     if len(data.y_train) < args.batch_size:
@@ -544,22 +481,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        f"batch of --batch-size {args.batch_size}; lower --batch-size")
 
     _import_tensorflow_quietly()
-    from allcnn_lib.training import TrainConfig, train
+    from allcnn_lib.plots import save_run_plots
+    from allcnn_lib.training import train
 
-    config = TrainConfig(
-        run_id=run_id, **_network(args), init=args.init, optimizer=args.optimizer,
-        learning_rate=args.learning_rate, rho=args.rho, schedule=args.schedule,
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        augment=args.augment, normalize=args.normalize, zca=args.zca,
-        zca_epsilon=args.zca_epsilon, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, limit=args.limit, seed=args.seed,
-        mixed_precision=mixed_precision, distribute=args.distribute,
-        data_dir=args.data_dir, runs_dir=args.runs_dir, backup_dir=args.backup_dir,
-        verbose=True if args.verbose else None, initial_weights=initial,
-        **({} if args.max_shift is None else {"max_shift": args.max_shift}),
-        shift_fill=args.shift_fill, whiten_init=args.whiten_init, ema=args.ema,
-        train_on=args.train_on, tta_flip=args.tta_flip, tta_shift=args.tta_shift,
-        bn_momentum=args.bn_momentum, recipe=args.recipe)
     print(f"run {config.run_id}: {config.arch} ({config.variant}), {len(data.y_train)} "
           f"training / {len(data.y_val)} validation images from {data.source}", flush=True)
     result = train(config, data, overwrite=args.overwrite)
@@ -571,6 +495,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"the loss became NaN in epoch {good + 1}; training stopped and {kept} "
                        f"(a NaN checkpoint never replaces a good one); lower the learning rate "
                        f"and run again with --overwrite or a new --id")
+    result.files.update(save_run_plots(result.run_dir))
     print(f"files in {result.run_dir}: "
           + ", ".join(sorted(p.name for p in result.files.values())), flush=True)
     return 0
@@ -607,7 +532,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``allcnn evaluate``: the seed's test.sh: test accuracy, loss, per-class accuracy."""
     _note_ignored(args)
     weights = _require_file(args.weights)
-    _config_beside(weights)
+    run_config = runs.load_run_config(weights) or {}  # a damaged one stops here, in one line
     _check_arch_early(weights, args.arch)
     out = Path(args.out) if args.out else weights.parent / "confusion_matrix.png"
     if args.out:
@@ -623,9 +548,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_trained_model(weights, args.arch, variant=args.variant,
                                batch_norm=args.batch_norm, dropout=args.dropout,
                                class_relu=args.class_relu)
-    from allcnn_lib.training import load_run_config
-
-    run_config = load_run_config(weights) or {}
     flip = run_config.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
     shift = run_config.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
     result = evaluate(model, data.x_test, data.y_test, args.batch_size,
@@ -655,11 +577,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     save_figure(fig, out, close=True)
     report = out.with_name(out.stem + ".json") if args.out else weights.parent / (
         "evaluation.json")
-    from allcnn_lib.training import atomic_write_text
-
-    atomic_write_text(report, json.dumps({"weights": str(weights), "source": data.source,
-                                          "tta_flip": bool(flip), "tta_shift": int(shift),
-                                          **result.to_dict()}, indent=1))
+    runs.atomic_write_text(report, json.dumps({
+        "weights": str(weights), "source": data.source, "tta_flip": bool(flip),
+        "tta_shift": int(shift), **result.to_dict()}, indent=1))
     print(f"confusion matrix: {out}")
     return 0
 
@@ -681,22 +601,20 @@ def cmd_verify_data(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     """``allcnn plot RUN_DIR``: redraw accuracy.png and loss.png."""
     run_dir = Path(args.run_dir)
-    if not (run_dir / "history.csv").is_file():
+    if not (run_dir / runs.HISTORY_CSV).is_file():
         raise CLIError(f"{run_dir}: no history.csv (not a training run folder?)")
     _check_writable(args.out or run_dir, "--out")
     import matplotlib
 
     matplotlib.use("Agg")
-    from allcnn_lib.plots import read_columns, save_figure, training_curves
+    from allcnn_lib.plots import save_figure, training_curves
 
-    out_dir = Path(args.out) if args.out else run_dir
-    history = read_columns(run_dir / "history.csv")
-    batches_csv = run_dir / "batches.csv"
-    batches = read_columns(batches_csv) if batches_csv.is_file() else None
+    history, batches = (runs.read_columns(run_dir / name)
+                        for name in (runs.HISTORY_CSV, runs.BATCHES_CSV))
     for metric in ("accuracy", "loss"):
-        fig = training_curves(history, metric, batches=batches,
+        fig = training_curves(history, metric, batches=batches or None,
                               title=f"{run_dir.name}: {metric}")
-        print(save_figure(fig, out_dir / f"{metric}.png", close=True))
+        print(save_figure(fig, Path(args.out or run_dir) / f"{metric}.png", close=True))
     return 0
 
 

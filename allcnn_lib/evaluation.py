@@ -21,21 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 from allcnn_lib.data import CLASS_NAMES
-from allcnn_lib.models import VARIANTS, build_model
-from allcnn_lib.training import (
+from allcnn_lib.models import build_model
+from allcnn_lib.runs import (
     MODEL_NAMES,
-    STANDARDIZER_FILE,
-    ZCA_FILE,
+    NETWORK_DEFAULTS,
+    VARIANTS,
     WeightsMismatchError,
-    gcn_zca_preprocess,
     load_run_config,
     load_weights,
-    make_dataset,
     model_summary,
     read_weights_summary,
-    scale_to_unit,
-    standardize_preprocess,
 )
+from allcnn_lib.training import load_or_fit_preprocess, make_dataset, scale_to_unit
 
 __all__ = ["EvaluationResult", "WeightsMismatchError", "confusion_matrix", "evaluate",
            "load_trained_model", "predict_probabilities", "run_preprocess"]
@@ -170,16 +167,14 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
 def _infer_from_file(path: Path) -> dict[str, Any]:
     """Architecture, batch norm, dropout and variant as far as the weights file tells them."""
     saved = read_weights_summary(path)
-    arch = next((k for k, v in MODEL_NAMES.items() if v == saved.model_name), None)
-    if arch is None:
+    if saved.arch is None:
         return {}
     found: dict[str, Any] = {
-        "arch": arch,
-        "batch_norm": any(name.startswith("bn") for name in saved.layers),
+        "arch": saved.arch, "batch_norm": saved.batch_norm,
         "dropout": any(name.startswith("dropout") for name in saved.layer_names),
     }
     for variant in VARIANTS:  # the variants differ in weightless layers (ReLUs, input dropout)
-        candidate = build_model(arch, variant=variant, batch_norm=found["batch_norm"],
+        candidate = build_model(saved.arch, variant=variant, batch_norm=found["batch_norm"],
                                 dropout=found["dropout"], weight_decay=0)
         if model_summary(candidate).layer_names == saved.layer_names:
             found["variant"] = variant
@@ -209,8 +204,7 @@ def load_trained_model(weights_path: str | os.PathLike, arch: str | None = None,
                                        f"{MODEL_NAMES.get(arch, arch)} was asked for; "
                                        "leave out --arch for .keras files")
         return model
-    settings: dict[str, Any] = {"arch": "allcnn", "variant": "paper", "batch_norm": False,
-                                "dropout": True, "class_relu": True}
+    settings: dict[str, Any] = dict(NETWORK_DEFAULTS)
     config = load_run_config(path)
     if config is not None:
         settings.update({k: config[k] for k in settings if k in config})
@@ -229,21 +223,6 @@ def load_trained_model(weights_path: str | os.PathLike, arch: str | None = None,
 
 def run_preprocess(weights_path: str | os.PathLike) -> Callable[[tf.Tensor], tf.Tensor]:
     """The input preprocessing of the run that wrote ``weights_path`` (its ZCA or per-channel
-    standardization, if it had one).
-
-    Without a ``config.json`` beside the weights, the default /255 scaling.
-    """
+    standardization, if it had one; /255 without a ``config.json`` beside the weights)."""
     path = Path(weights_path)
-    config = load_run_config(path)
-    if not config or not (config.get("zca") or config.get("normalize")):
-        return scale_to_unit
-    name = ZCA_FILE if config.get("zca") else STANDARDIZER_FILE
-    state_file = path.parent / name
-    if not state_file.is_file():
-        what = "ZCA whitening" if config.get("zca") else "per-channel standardization"
-        raise FileNotFoundError(f"{state_file}: the run used {what} but its {name} is missing")
-    from allcnn_lib.preprocessing import Standardizer, ZCAWhitening
-
-    if config.get("zca"):
-        return gcn_zca_preprocess(ZCAWhitening.load(state_file))
-    return standardize_preprocess(Standardizer.load(state_file))
+    return load_or_fit_preprocess(load_run_config(path) or {}, path.parent)

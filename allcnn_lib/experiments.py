@@ -1,19 +1,13 @@
-"""The four experiments of the seed's README, re-run on a fixed budget with several seeds.
+"""The seed README's four experiments and the fast recipe's ablation, as grids of runs.
 
-Every run is ``allcnn train`` on All-CNN-C with the seed's recipe (SGD with Nesterov momentum,
-lr 0.01, Keras-2 decay 1e-6, batch 32, shifts and flips, dropout) for ``BUDGET_BATCHES`` = 3,000
-batches, validated on the validation split every ``STEPS_PER_EPOCH`` batches; one setting
-changes per configuration. ``scripts/run_experiments.py`` runs the grid one process at a time
-and copies each run's small files (``config.json``, ``history.csv``, ``batches.csv``) to
-``results/<config>/seed<k>/``; the experiments notebook reads them back with ``load_results``.
-
-A configuration shared by several experiments (the recipe itself is the reference of all four)
-is run once and plotted in each.
+Each run is ``allcnn train`` with one setting changed from a reference; the README's runs use
+the seed's recipe for ``BUDGET_BATCHES`` batches, validated every ``STEPS_PER_EPOCH``.
+``scripts/run_experiments.py`` runs a grid and copies each run's small files to
+``results/<config>/seed<k>/``; notebooks 08 and 10 read them back with the readers below.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
@@ -52,8 +46,7 @@ class Config:
 
     def command(self, seed: int, runs_dir: str | os.PathLike, *extra: str | os.PathLike
                 ) -> list[str]:
-        """The ``allcnn train`` arguments of this configuration's run with ``seed``; ``extra``
-        flags come last (argparse keeps the last value of a repeated flag)."""
+        """``allcnn train`` arguments of this run; ``extra`` flags come last and win."""
         return ["train", "--id", run_id(self.key, seed), *self.common, *self.flags,
                 "--seed", str(seed), "--runs-dir", str(runs_dir), *map(str, extra)]
 
@@ -105,6 +98,9 @@ RECIPE_CONFIGS: dict[str, Config] = {c.key: c for c in (
     *(Config(f"recipe/{key}", label, flags, RECIPE_FLAGS) for key, label, flags in _REMOVALS),
     *(Config(f"recipe/ladder_{e}", f"fast recipe, {e} epochs", ("--epochs", str(e)),
              RECIPE_FLAGS, test=True) for e in (10, 20)),
+    # The shipped model (data/final_model): the recipe on all 50,000 images, sized to ~2 hours.
+    Config("recipe/final_all_24", "fast recipe, all 50,000 images, 24 epochs (shipped)",
+           ("--train-on", "all", "--epochs", "24"), RECIPE_FLAGS, test=True),
     # The recipe's first draft, kept as the control that found the lag of batch norm's moving
     # statistics: Keras' momentum 0.99 and L2 5e-4 (run as recipe_full_seed0 before the fix).
     Config("recipe/draft", "first draft: batch-norm momentum 0.99 and L2 5e-4",
@@ -124,21 +120,24 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
 RECIPE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "recipe_ablation": ("recipe/full", *(f"recipe/{key}" for key, _, _ in _REMOVALS)),
     "recipe_ladder": ("recipe/ladder_10", "recipe/ladder_20"),
+    "recipe_final": ("recipe/final_all_24",),
 }
 
 
 def run_id(key: str, seed: int) -> str:
+    """The run id of configuration ``key`` with ``seed`` (committed results are named so)."""
     return f"{key.replace('/', '_')}_seed{seed}"
 
 
 def result_dir(results: str | os.PathLike, key: str, seed: int) -> Path:
+    """Where the small files of a run are kept: ``results/<key>/seed<k>``."""
     return Path(results) / key / f"seed{seed}"
 
 
 def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
               seeds: Sequence[int] = SEEDS) -> list[tuple[Config, int]]:
-    """(configuration, seed) pairs, each once, experiment by experiment, both seeds of a
-    configuration together: a partial grid still completes whole experiments."""
+    """(configuration, seed) pairs, each once, experiment by experiment, the seeds of a
+    configuration together: a partial grid completes whole experiments."""
     unknown = [e for e in experiments if e not in EXPERIMENTS and e not in RECIPE_EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from "
@@ -154,8 +153,7 @@ def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
-    """A finished run: its config says so, and its history has every epoch it asked for (a
-    run stopped by a NaN loss is finished too: that is its result)."""
+    """A finished run (every epoch in its history), or one stopped by a NaN loss."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -168,78 +166,61 @@ def is_complete(folder: str | os.PathLike) -> bool:
         folder / "batches.csv").is_file()
 
 
+BATCH_COLUMNS = ["config", "label", "seed", "step", "loss", "accuracy"]
+EPOCH_COLUMNS = ["config", "label", "seed", "epoch", "batches", "val_loss", "val_accuracy"]
+
+
 def load_results(results: str | os.PathLike, keys: Sequence[str] | None = None):
-    """The runs under ``results/`` as two ``pandas`` frames: ``batches`` (one row per training
-    batch: config, label, seed, step, loss, accuracy) and ``epochs`` (one row per validation:
-    config, label, seed, epoch, batches, val_loss, val_accuracy). Incomplete runs are left out.
-    """
+    """The finished runs under ``results/`` as two pandas frames: ``batches`` (one row per
+    training batch, ``BATCH_COLUMNS``) and ``epochs`` (one row per validation)."""
     import pandas as pd
 
-    batch_frames, epoch_frames = [], []
+    batch_frames, epoch_frames = [pd.DataFrame(columns=BATCH_COLUMNS)], [
+        pd.DataFrame(columns=EPOCH_COLUMNS)]
     for key in keys or list(CONFIGS):
         for folder in sorted((Path(results) / key).glob("seed*")):
             if not is_complete(folder):
                 continue
-            seed = int(folder.name.removeprefix("seed"))
-            b = pd.read_csv(folder / "batches.csv")
-            b = b.assign(config=key, label=CONFIGS[key].label, seed=seed)
-            batch_frames.append(b[["config", "label", "seed", "step", "loss", "accuracy"]])
-            e = pd.read_csv(folder / "history.csv")
-            steps = int(json.loads((folder / "config.json").read_text())["run"]
-                        ["steps_per_epoch"])
-            e = e.assign(config=key, label=CONFIGS[key].label, seed=seed,
-                         batches=(e["epoch"] + 1) * steps)
-            epoch_frames.append(e[["config", "label", "seed", "epoch", "batches", "val_loss",
-                                   "val_accuracy"]])
-    cols_b = ["config", "label", "seed", "step", "loss", "accuracy"]
-    cols_e = ["config", "label", "seed", "epoch", "batches", "val_loss", "val_accuracy"]
-    batches = pd.concat(batch_frames, ignore_index=True) if batch_frames else pd.DataFrame(
-        columns=cols_b)
-    epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(
-        columns=cols_e)
-    return batches, epochs
-
-
-def smooth_per_run(batches, column: str, window: int = 100):
-    """``batches`` with ``<column>_smoothed``: a trailing mean over ``window`` batches within
-    each (config, seed) run."""
-    out = batches.sort_values(["config", "seed", "step"]).copy()
-    out[f"{column}_smoothed"] = out.groupby(["config", "seed"])[column].transform(
-        lambda s: s.rolling(window, min_periods=1).mean())
-    return out
+            run = {"config": key, "label": CONFIGS[key].label,
+                   "seed": int(folder.name.removeprefix("seed"))}
+            batch_frames.append(pd.read_csv(folder / "batches.csv").assign(**run))
+            steps = json.loads((folder / "config.json").read_text())["run"]["steps_per_epoch"]
+            e = pd.read_csv(folder / "history.csv").assign(**run)
+            epoch_frames.append(e.assign(batches=(e["epoch"] + 1) * int(steps)))
+    return (pd.concat(batch_frames, ignore_index=True)[BATCH_COLUMNS],
+            pd.concat(epoch_frames, ignore_index=True)[EPOCH_COLUMNS])
 
 
 def summary_table(epochs, keys: Sequence[str] | None = None):
-    """Validation accuracy after the last validated batch, per configuration: mean, std over
-    seeds (ddof 1; NaN for a single seed), number of seeds and the per-seed values."""
+    """Per configuration, the validation accuracy after the last validated batch: mean and
+    std over seeds (ddof 1; NaN for one seed), number of seeds and the per-seed values."""
     import pandas as pd
 
+    last = epochs.sort_values("batches").groupby(["config", "seed"]).tail(1)
     rows = []
     for key in keys or list(dict.fromkeys(epochs["config"])):
-        runs = epochs[epochs["config"] == key]
-        if runs.empty:
-            continue
-        last = runs.sort_values("batches").groupby("seed").tail(1)
-        values = last["val_accuracy"].to_numpy(float)
-        rows.append({"config": key, "label": CONFIGS[key].label,
-                     "batches": int(last["batches"].max()), "seeds": len(values),
-                     "val_accuracy_mean": float(np.mean(values)),
-                     "val_accuracy_std": float(np.std(values, ddof=1)) if len(values) > 1
-                     else float("nan"),
-                     "per_seed": ", ".join(f"{v:.4f}" for v in values)})
+        runs = last[last["config"] == key]
+        values = runs["val_accuracy"].to_numpy(float)
+        if len(values):
+            rows.append({"config": key, "label": CONFIGS[key].label,
+                         "batches": int(runs["batches"].max()), "seeds": len(values),
+                         "val_accuracy_mean": float(np.mean(values)),
+                         "val_accuracy_std": float(np.std(values, ddof=1)) if len(values) > 1
+                         else float("nan"),
+                         "per_seed": ", ".join(f"{v:.4f}" for v in values)})
     return pd.DataFrame(rows)
 
 
 def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window: int = 100):
-    """Three panels: smoothed training loss and accuracy per batch, and validation accuracy,
-    each the mean over seeds with a band of +- one standard deviation (seaborn). The training
-    curves start at the first full window: a mean of fewer batches (one, at the start) swings
-    far more than the label "mean of ``window`` batches" lets a reader expect."""
+    """Training loss and accuracy (trailing means of ``window`` batches, from the first full
+    window on) and validation accuracy: the mean over seeds with a band of +-1 std."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    b = smooth_per_run(batches[batches["config"].isin(keys)], "loss", window)
-    b = smooth_per_run(b, "accuracy", window)
+    b = batches[batches["config"].isin(keys)].sort_values(["config", "seed", "step"])
+    for column in ("loss", "accuracy"):
+        b[f"{column}_smoothed"] = b.groupby(["config", "seed"])[column].transform(
+            lambda s: s.rolling(window, min_periods=1).mean())
     b = b[b["step"] >= window - 1]
     e = epochs[epochs["config"].isin(keys)]
     order = [CONFIGS[k].label for k in keys if k in set(b["config"])]
@@ -258,38 +239,12 @@ def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window:
     return fig
 
 
-# --------------------------------------------------------------------------- dead channels
-
-
-def dead_channels(model, images: np.ndarray) -> dict[str, float]:
-    """For each ReLU of ``model`` (a ``ReLU`` layer, or a conv with a ReLU activation; forward
-    order), the fraction of its channels that output zero for every one of ``images``
-    (inference mode): channels that can no longer pass a signal or a gradient. When every
-    channel of the ReLU after the last 1x1 conv (the class scores, ReLU in the paper) is dead,
-    the network outputs the same probabilities for every image."""
-    import keras
-
-    relus = [layer for layer in model.layers if isinstance(layer, keras.layers.ReLU)
-             or (isinstance(layer, keras.layers.Conv2D)
-                 and getattr(layer, "activation", None) is keras.activations.relu)]
-    if not relus:
-        return {}
-    probe = keras.Model(model.inputs, [layer.output for layer in relus])
-    outputs = probe([np.asarray(images, dtype="float32")], training=False)
-    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-    channel_axes = tuple(range(len(outputs[0].shape) - 1))
-    return {layer.name: float(np.mean(np.max(keras.ops.convert_to_numpy(out),
-                                             axis=channel_axes) <= 0.0))
-            for layer, out in zip(relus, outputs, strict=True)}
-
-
 def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init: str =
                   "glorot_uniform", steps: int = 300, seed: int = 0, batch_size: int = BATCH_SIZE):
-    """All-CNN-C (paper variant) trained ``steps`` batches with the recipe's pipeline (shifts,
-    flips, dropout, L2 5e-4), ``optimizer`` at its default learning rate (constant: the
-    recipe's decay is negligible over a few hundred steps) and ``init``, set up as ``train``
-    does it (``training.finish_initialization``). For looking inside a run of the grid, which
-    keeps no weights. Returns ``(model, final training loss)``."""
+    """All-CNN-C (paper) trained ``steps`` batches as the grid's runs train (shifts, flips,
+    dropout, ``optimizer`` at its default rate, ``init`` as ``train`` applies it), to look
+    inside a run of the grid, which keeps no weights (``signal_propagation.activation_statistics``).
+    Returns ``(model, last loss)``."""
     import keras
 
     from allcnn_lib.models import build_model
@@ -315,23 +270,18 @@ def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init:
 
 # --------------------------------------------------------------------------- the fast recipe
 
-#: Accuracies the time-to-accuracy ladder is read at: a good model, the seed repository's
-#: 90.88% and the paper's 92.75%.
+#: Accuracies the time-to-accuracy ladder is read at: 85%, the seed's 90.88%, the paper's 92.75%.
 LADDER_TARGETS = (0.85, 0.9088, 0.9275)
-
-
 RECIPE_COLUMNS = ("config", "label", "seed", "epochs", "val_accuracy", "val_accuracy_raw",
-                  "val_accuracy_tta",
-                  "val_accuracy_ema_stale_bn", "test_accuracy", "minutes", "machine")
+                  "val_accuracy_tta", "val_accuracy_ema_stale_bn", "test_accuracy", "minutes",
+                  "machine")
 
 
 def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
-    """One row per finished run under ``results/recipe/``: config, label, seed, epochs,
-    validation accuracy after the last epoch (plain; EMA weights with batch norm re-estimated
-    when the run used an EMA), of the raw weights with their moving statistics (the last row of
-    ``history.csv``) and with test-time augmentation, the EMA's accuracy before the
-    re-estimation, the test accuracy of a ladder rung (``test.json``, else NaN), minutes of wall
-    time and the machine."""
+    """One row per finished run under ``results/recipe/`` (``RECIPE_COLUMNS``): the final
+    validation accuracy (of the EMA with batch norm re-estimated when the run kept one), of
+    the raw weights (``history.csv``), with TTA, of the EMA before re-estimation, a ladder
+    rung's test accuracy (``test.json``, else NaN), minutes and machine."""
     import pandas as pd
 
     rows = []
@@ -342,12 +292,12 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
             config = json.loads((folder / "config.json").read_text())
             run, final = config["run"], config["run"].get("final", {})
             test = folder / TEST_FILE
-            history = read_csv_columns(folder / "history.csv")
+            history = pd.read_csv(folder / "history.csv")
             rows.append({
                 "config": key.removeprefix("recipe/"), "label": RECIPE_CONFIGS[key].label,
                 "seed": int(folder.name.removeprefix("seed")), "epochs": config["epochs"],
                 "val_accuracy": final.get("val_accuracy", np.nan),
-                "val_accuracy_raw": history["val_accuracy"][-1],
+                "val_accuracy_raw": float(history["val_accuracy"].iloc[-1]),
                 "val_accuracy_tta": final.get("val_accuracy_tta", np.nan),
                 "val_accuracy_ema_stale_bn": final.get("val_accuracy_ema_stale_bn", np.nan),
                 "test_accuracy": (json.loads(test.read_text())["accuracy"] if test.is_file()
@@ -358,14 +308,10 @@ def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
 
 
 def ablation_table(runs):
-    """The ablation (``RECIPE_EXPERIMENTS["recipe_ablation"]``) from ``recipe_runs``: per
-    configuration, the validation accuracy of the trained weights after the last epoch (mean
-    over seeds, each seed's value; ``val_accuracy_raw``: what training produced, whatever the
-    run then did with it), its difference from the full recipe's, and the median wall time.
-    Two rows need no run of their own, because they do not change training: the EMA of the
-    weights with batch norm re-estimated (``val_accuracy`` of the full runs that kept one) and
-    test-time augmentation (its gain on the final weights, ``val_accuracy_tta - val_accuracy``,
-    added to the trained weights' accuracy)."""
+    """The ablation from ``recipe_runs``: per configuration the raw weights' final validation
+    accuracy (mean and per seed), its difference from the full recipe's, and median minutes.
+    Two rows come from the full runs, as they do not change training: the EMA with batch norm
+    re-estimated, and test-time augmentation (its gain on the final weights)."""
     import pandas as pd
 
     ablation = [k.removeprefix("recipe/") for k in RECIPE_EXPERIMENTS["recipe_ablation"]]
@@ -395,16 +341,9 @@ def ablation_table(runs):
                                        "per_seed", "minutes"])
 
 
-def read_csv_columns(path: str | os.PathLike) -> dict[str, list[float]]:
-    """A CSV file with a header as columns of floats."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {})}
-
-
 def time_to_accuracy(history, targets: Sequence[float] = LADDER_TARGETS) -> dict[float, float]:
-    """Minutes of training (the ``time`` column summed) until the validation accuracy of an
-    epoch first reaches each target; NaN for a target never reached."""
+    """Minutes of training (``time`` summed) until validation accuracy first reaches each
+    target; NaN for a target never reached."""
     minutes = np.cumsum(np.asarray(history["time"], float)) / 60
     acc = np.asarray(history["val_accuracy"], float)
     return {t: float(minutes[np.argmax(acc >= t)]) if (acc >= t).any() else float("nan")

@@ -1,14 +1,6 @@
-"""What a notebook's first cell needs: the quick-mode switch, seeds, quiet logs, plot style.
-
-Every notebook starts with::
-
-    from allcnn_lib.notebook import setup
-    ctx = setup()
-
-``ALLCNN_QUICK=1`` in the environment (set by ``make test``) is the one switch that makes every
-notebook run on the shipped sample with tiny budgets; the saved outputs come from the standard
-run (the full CIFAR-10 when it is present).
-"""
+"""A notebook's first cell: ``ctx = setup()`` quiets the logs, seeds every generator and sets the
+plot style. ``ALLCNN_QUICK=1`` (``make test``) runs a notebook on the shipped sample with tiny
+budgets (``ctx.budget``); the saved outputs come from the standard run."""
 
 from __future__ import annotations
 
@@ -26,7 +18,7 @@ from allcnn_lib.data import quick_mode
 
 @dataclass(frozen=True)
 class NotebookContext:
-    """The mode a notebook runs in, and the budget helpers it should use."""
+    """The mode a notebook runs in and its seed."""
 
     quick: bool
     seed: int
@@ -42,10 +34,9 @@ class NotebookContext:
 
 @contextlib.contextmanager
 def silenced_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null for a while (C++ libraries write there directly)."""
+    """Point file descriptor 2 at /dev/null for a while (C++ libraries write there directly)."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
         yield
@@ -55,59 +46,32 @@ def silenced_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def quiet_logs() -> None:
-    """Silence TensorFlow's and absl's start-up chatter and known harmless warnings.
-
-    TensorFlow's CUDA probes ("Could not find cuda drivers ...", "failed call to cuInit") are
-    printed by C++ before its log level is read, so the import and the first op run with
-    stderr silenced.
-    """
+def setup(seed: int = 0) -> NotebookContext:
+    """Quiet TensorFlow's start-up (its CUDA probes print from C++, so the import and first op
+    run with stderr silenced), seed Python, NumPy and Keras, and set one plot style."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
         with silenced_stderr():
             import tensorflow as tf
 
-            # the first op probes for CUDA and prints "failed call to cuInit" on CPU machines
-            tf.constant(0.0) + 1.0
-    os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+            tf.constant(0.0) + 1.0  # the first op probes for CUDA ("failed call to cuInit")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*np.find_common_type.*")
-
-
-def plot_style() -> None:
-    """One plot style for every figure: PNG output, readable fonts, seaborn's whitegrid."""
+    import keras
     import matplotlib as mpl
-
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        if shell is not None:
-            shell.run_line_magic("matplotlib", "inline")
-            shell.run_line_magic("config", "InlineBackend.figure_formats = ['png']")
-    except ImportError:  # plain Python: nothing to configure
-        pass
     import seaborn as sns
+    from IPython import get_ipython
 
+    keras.utils.set_random_seed(seed)
+    if (shell := get_ipython()) is not None:
+        shell.run_line_magic("matplotlib", "inline")
+        shell.run_line_magic("config", "InlineBackend.figure_formats = ['png']")
     sns.set_theme(context="notebook", style="whitegrid")
     mpl.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (7, 4),
                          "axes.titleweight": "bold"})
-
-
-def setup(seed: int = 0, *, plots: bool = True) -> NotebookContext:
-    """Quiet the logs, seed every generator, set the plot style; return the mode.
-
-    Seeds Python, NumPy and the Keras backend through ``keras.utils.set_random_seed``.
-    """
-    quiet_logs()
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    if plots:
-        plot_style()
     return NotebookContext(quick=quick_mode(), seed=seed)
 
 

@@ -1,8 +1,9 @@
-"""Training recipes as presets of ``allcnn train --recipe NAME``, and the CPU check that the
+"""Training recipes as presets of ``allcnn train --recipe NAME``, and the CPU facts that the
 bfloat16 entry needs. No TensorFlow here: the CLI reads these before anything slow starts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +27,30 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX-BF16), False when it
-    does not (TensorFlow then emulates it, ~14x slower than float32), None when unknown (no
-    ``/proc/cpuinfo``: not Linux)."""
+def read_cpuinfo(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, set[str]] | None:
+    """The CPU's model name and feature flags, or None where ``/proc/cpuinfo`` is missing."""
     try:
-        flags = Path(cpuinfo).read_text()
+        lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+    def first(key: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+
+    return first("model name") or "unknown CPU", set(first("flags").split())
+
+
+def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX-BF16), False when not
+    (TensorFlow emulates it, ~14x slower than float32), None when unknown (not Linux)."""
+    info = read_cpuinfo(cpuinfo)
+    return None if info is None else bool(info[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU in a few words, for records of where a run trained: model name, cores, and
-    whether it has AVX-512 and bfloat16 (e.g. "AMD EPYC, 2 cores, AVX-512, AVX512_BF16")."""
-    import os
-
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
+    """The CPU in a few words, e.g. "AMD EPYC, 2 cores, AVX-512, AVX512_BF16"."""
+    if (info := read_cpuinfo(cpuinfo)) is None:
         return f"{os.cpu_count()} cores"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                      if line.startswith("flags")), []))
-    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
-    bf16 = ", AVX512_BF16" if "avx512_bf16" in flags else ""
-    return f"{model}, {os.cpu_count()} cores, {isa}{bf16}"
+    model, flags = info
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {os.cpu_count()} cores, {isa}{', AVX512_BF16' * ('avx512_bf16' in flags)}"

@@ -1,49 +1,28 @@
 """Train the All-CNN family: optimizers, schedules, the tf.data pipeline, callbacks, ``train``.
 
-``train(TrainConfig(...))`` writes one run folder, ``runs/<id>/``::
+``train(TrainConfig(...))`` writes one run folder (``allcnn_lib.runs``: config.json,
+history.csv, batches.csv, best/last weights). Every file is written atomically. A run killed
+mid-epoch and started again with the same config resumes from its last completed epoch
+(``AtomicBackupAndRestore``), with the same losses as an uninterrupted run on the CPU: the
+backup carries the dropout seed generators' state and ``fast_forward`` brings the input pipeline
+to the epoch's shuffle and augmentation seeds. An epoch with a NaN loss or weight is never saved
+(``CheckpointGuard``); a checkpoint that would not fit on the disk stops the run with
+``DiskFullError`` and keeps the previous one.
 
-    config.json        the TrainConfig and what the run found (model, data, steps, status)
-    history.csv        one row per epoch (keras.callbacks.CSVLogger; epochs counted from 0)
-    batches.csv        one row per training batch: epoch, batch, step, that batch's loss and
-                       accuracy, the epoch's running means, the learning rate of the step
-    best.weights.h5    the weights of the epoch with the best validation accuracy
-    last.weights.h5    the weights after the last completed epoch
-    accuracy.png, loss.png   the training curves (``allcnn_lib.plots``)
-    zca.npz            the GCN + ZCA whitening fitted on the training split (``zca=True`` only)
-
-Reliability: every file above is written to a temporary file and moved into place with
-``os.replace``, so a reader (or a crash) never sees half a checkpoint. A run killed mid-epoch
-and started again with the same config resumes from its last completed epoch
-(``keras.callbacks.BackupAndRestore`` under ``backup_dir``); both CSV files are cut back to the
-restored epoch first, so no epoch or batch appears twice. With the same seed on CPU two runs give
-identical histories (``keras.utils.set_random_seed`` and TensorFlow's op determinism), and so
-does a resumed run: the backup carries the dropout seed generators' state, and ``fast_forward``
-brings the input pipeline to the epoch's shuffle and augmentation seeds. An epoch with a NaN
-loss or weight is never saved (``CheckpointGuard``); a checkpoint that would not fit on the disk
-stops the run with ``DiskFullError`` and keeps the previous one and the backup.
-
-The seed repository's optimizer, ``SGD(lr=0.01, momentum=0.9, nesterov=True, decay=1e-6)``, used
-Keras 2's ``decay`` argument, which Keras 3 no longer has (it is ignored with a warning, or an
-error). ``make_optimizer("sgd", schedule="seed")`` states it explicitly as
+The seed's ``SGD(lr=0.01, momentum=0.9, nesterov=True, decay=1e-6)`` used Keras 2's ``decay``,
+which Keras 3 no longer has; ``make_optimizer("sgd", schedule="seed")`` states it explicitly as
 ``InverseTimeDecay(0.01, decay_steps=1, decay_rate=1e-6)``: lr_k = 0.01 / (1 + 1e-6 k).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import dataclasses
-import errno
-import gc
 import json
 import math
-import os
 import shutil
 import sys
 import time
-import uuid
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,85 +32,72 @@ import numpy as np
 import tensorflow as tf
 
 from allcnn_lib.data import CIFAR10, load_cifar10, portable_path
-from allcnn_lib.models import ARCHITECTURES, build_model
+from allcnn_lib.models import build_model
 from allcnn_lib.preprocessing import (
     PAPER_GCN_SCALE,
-    PAPER_ZCA_EPSILON,
     Standardizer,
     ZCAWhitening,
     augment_dataset,
     global_contrast_normalize,
 )
-from allcnn_lib.recipes import RECIPES
-
-# --------------------------------------------------------------------------- names and defaults
-
-OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("paper", "cosine", "constant", "seed", "onecycle")
-INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
-                "orthogonal", "lsuv")
-DISTRIBUTE = ("none", "mirrored")
-SHIFT_FILLS = ("zero", "reflect")
-#: ``split``: train on the training split, select on the validation split; ``all``: train on all
-#: 50,000 training images (no validation; the checkpoint is the schedule's last epoch).
-TRAIN_ON = ("split", "all")
-
-#: Default learning rates: the seed's SGD (0.01) and Keras' defaults for RMSprop and Adam.
-DEFAULT_LEARNING_RATES = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001}
+from allcnn_lib.runs import (  # noqa: F401 (names used here and re-exported for callers)
+    BATCH_COLUMNS,
+    BATCHES_CSV,
+    BEST_WEIGHTS,
+    CONFIG_JSON,
+    DEFAULT_LEARNING_RATES,
+    DISTRIBUTE,
+    HISTORY_CSV,
+    INITIALIZERS,
+    LAST_WEIGHTS,
+    MAX_SHIFT,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    PATH_FIELDS,
+    SCHEDULES,
+    STANDARDIZER_FILE,
+    ZCA_FILE,
+    DiskFullError,
+    TrainConfig,
+    atomic_path,
+    atomic_write_text,
+    best_epoch,
+    load_run_config,
+    load_weights,
+    read_columns,
+    remove_stale_temporaries,
+    truncate_csv,
+)
 
 #: The paper's schedule (Section 3.2): x0.1 after epochs 200, 250 and 300 of 350.
 PAPER_DROP_EPOCHS = (200, 250, 300)
 PAPER_EPOCHS = 350
 PAPER_DROP_FACTOR = 0.1
-
 #: Keras 2's ``decay`` of the seed's SGD.
 SEED_DECAY = 1e-6
-
 #: Share of the run spent warming up in the "cosine" schedule.
 COSINE_WARMUP_FRACTION = 0.05
-
-#: Largest translation of the augmentation, as a fraction of the image side (3 px of 32).
-MAX_SHIFT = 0.1
-
 #: Share of the run the "onecycle" schedule spends warming up linearly from 0 to the peak.
 ONECYCLE_WARMUP_FRACTION = 0.2
-
 #: Decay of the weights' exponential moving average (``ema=True``): a horizon of ~100 steps.
 EMA_MOMENTUM = 0.99
-
 #: Training batches that re-estimate the batch-norm statistics under the averaged weights.
 BN_RECALIBRATION_BATCHES = 20
-
 #: Batches the input pipeline prepares ahead of the train step (a fixed, small buffer).
 PREFETCH_BATCHES = 2
-
-HISTORY_CSV = "history.csv"
-BATCHES_CSV = "batches.csv"
-CONFIG_JSON = "config.json"
-BEST_WEIGHTS = "best.weights.h5"
-LAST_WEIGHTS = "last.weights.h5"
-ZCA_FILE = "zca.npz"
-STANDARDIZER_FILE = "standardizer.npz"
-BATCH_COLUMNS = ("epoch", "batch", "step", "loss", "accuracy", "epoch_loss", "epoch_accuracy",
-                 "learning_rate")
-
-#: ``keras.Model.name`` of each architecture key (``allcnn_lib.models``).
-MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
-
-_TMP_MARK = ".tmp-"
+#: Training images whose 3x3 patches ``whiten_init`` samples (``initializers.whiten_first_conv``).
+WHITENING_IMAGES = 5000
+#: Training images LSUV calibrates on (Mishkin & Matas use one mini-batch; 256 gives a steadier
+#: variance estimate: 0.5 s on a 2-core AVX-512 CPU, docs/performance.md).
+LSUV_IMAGES = 256
 
 
 # --------------------------------------------------------------------------- optimizers
 
 
 def paper_boundaries(total_steps: int) -> list[int]:
-    """Step indices (from 0) at which the paper's schedule divides the rate by 10.
-
-    The paper drops after epochs 200, 250 and 300 of 350; a run of ``total_steps`` drops at the
-    same fractions of its length (200/350, 250/350, 300/350), rounded to a step and kept
-    strictly increasing. For 350 epochs of ``s`` steps the drops land on steps 200 s, 250 s and
-    300 s: the first step of epochs 200, 250 and 300 (counted from 0).
-    """
+    """Steps (from 0) at which the paper's schedule divides the rate by 10: the same fractions
+    of the run as epochs 200, 250 and 300 of 350 (Sec. 3.2), rounded, strictly increasing."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     drops: list[int] = []
@@ -146,18 +112,11 @@ def paper_boundaries(total_steps: int) -> list[int]:
 def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | None = None,
                   epochs: int | None = None
                   ) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The learning-rate schedule ``name`` starting from ``learning_rate``.
-
-    - ``"constant"``: the rate itself (a float).
-    - ``"paper"``: ``PiecewiseConstantDecay``, x0.1 at 200/350, 250/350 and 300/350 of the run
-      (``paper_boundaries``); needs ``steps_per_epoch`` and ``epochs``.
-    - ``"cosine"``: linear warm-up from 0 over the first 5% of the steps, then cosine decay to 0
-      (``CosineDecay`` with ``warmup_target``); needs ``steps_per_epoch`` and ``epochs``.
-    - ``"seed"``: the seed's Keras-2 ``decay=1e-6`` made explicit,
-      ``InverseTimeDecay(lr, decay_steps=1, decay_rate=1e-6)``: lr_k = lr / (1 + 1e-6 k).
-    - ``"onecycle"``: linear warm-up from 0 to ``learning_rate`` over the first 20% of the
-      steps, then linear decay to 0 at the last step (Smith 2018; Page 2018).
-    """
+    """The learning-rate schedule ``name`` (``SCHEDULES``) starting from ``learning_rate``:
+    ``constant`` (a float); ``seed``, the Keras-2 ``decay=1e-6``: lr / (1 + 1e-6 k); and, given
+    ``steps_per_epoch`` and ``epochs``, ``paper`` (x0.1 at ``paper_boundaries``), ``cosine``
+    (5% linear warm-up, then cosine to 0) and ``onecycle`` (linear up over 20%, then linear
+    down to 0; Smith 2018, Page 2018)."""
     schedules = keras.optimizers.schedules
     if name == "constant":
         return float(learning_rate)
@@ -204,23 +163,10 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 def make_optimizer(name: str, *, learning_rate: float | None = None, rho: float = 0.9,
                    schedule: str | None = None, steps_per_epoch: int | None = None,
                    epochs: int | None = None, ema: bool = False) -> keras.optimizers.Optimizer:
-    """One of the course's optimizers, with its learning-rate schedule.
-
-    - ``"sgd"``: lr 0.01, momentum 0.9, Nesterov (the seed's optimizer; the paper uses plain
-      momentum 0.9 with lr in {0.25, 0.1, 0.05, 0.01}). Its Keras-2 ``decay=1e-6`` is the
-      ``"seed"`` schedule.
-    - ``"rmsprop"``: lr 0.001, ``rho`` 0.9. RMSprop divides the gradient by the root of a moving
-      average of squared gradients, ``v = rho v + (1 - rho) g^2``. With ``rho=0.0`` that average
-      is just the last squared gradient, so the step is ``lr g / |g|``: a sign-like step of size
-      lr for every weight, however small its gradient. It ignores gradient magnitudes and makes
-      training unstable; the seed ran it that way, the course shows why not to.
-    - ``"adam"``: lr 0.001.
-
-    ``schedule`` (``make_schedule``): ``"constant"`` (default), ``"paper"``, ``"cosine"`` or
-    ``"seed"``; ``"paper"`` and ``"cosine"`` need ``steps_per_epoch`` and ``epochs``.
-    ``ema``: keep an exponential moving average of the weights (Keras' ``use_ema``, momentum
-    ``EMA_MOMENTUM``); ``fit`` copies it into the model when training ends.
-    """
+    """``sgd`` (the seed's: momentum 0.9, Nesterov), ``rmsprop`` (``rho=0.0`` is the seed's
+    unstable sign-like step) or ``adam``, at ``DEFAULT_LEARNING_RATES`` unless given, with the
+    ``make_schedule`` schedule (default constant). ``ema``: Keras' average of the weights
+    (``EMA_MOMENTUM``), which ``fit`` copies into the model when training ends."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else float(learning_rate)
@@ -234,14 +180,20 @@ def make_optimizer(name: str, *, learning_rate: float | None = None, rho: float 
     return keras.optimizers.Adam(learning_rate=rate, **averaging)
 
 
+def learning_rate_at(optimizer: keras.optimizers.Optimizer) -> Callable[[int], float]:
+    """A function of the step giving the optimizer's learning rate (from its public config)."""
+    rate = optimizer.get_config()["learning_rate"]
+    if not isinstance(rate, dict):
+        return lambda step: float(rate)
+    schedule = keras.optimizers.schedules.deserialize(rate)
+    return lambda step: float(keras.ops.convert_to_numpy(schedule(step)))
+
+
 def current_learning_rate(optimizer: keras.optimizers.Optimizer, step: int | None = None) -> float:
     """The learning rate the optimizer uses at ``step`` (default: its next step)."""
-    rate = optimizer._learning_rate  # the schedule itself, not its value at `iterations`
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        if step is None:
-            step = int(keras.ops.convert_to_numpy(optimizer.iterations))
-        return float(keras.ops.convert_to_numpy(rate(step)))
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    if step is None:
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return learning_rate_at(optimizer)(step)
 
 
 # --------------------------------------------------------------------------- input pipeline
@@ -306,248 +258,8 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def temporary_path(path: str | os.PathLike) -> Path:
-    """A fresh, unused name beside ``path`` that keeps its ``.weights.h5``/``.keras`` ending."""
-    path = Path(path)
-    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
-    return path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}{suffix}")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-#: Free space ``atomic_path`` keeps in reserve beyond a file's expected size (CSV rows, config).
-SPACE_MARGIN = 1 << 20
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-class DiskFullError(OSError):
-    """No space left on the device for a file; the previous version of the file is kept.
-
-    Its message is one line that names the file, the space needed and the space free.
-    """
-
-    def __init__(self, path: str | os.PathLike, needed: int | None, free: int | None) -> None:
-        self.path = Path(path)
-        need = f"needs about {_megabytes(needed)}, " if needed else ""
-        have = f"{_megabytes(free)} free" if free is not None else "the disk is full"
-        super().__init__(errno.ENOSPC, f"no space left on device for {path} ({need}{have}); "
-                                       "the previous checkpoint is kept: free some space, then "
-                                       "run the same command again to resume")
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def free_bytes(folder: str | os.PathLike) -> int | None:
-    """Free bytes on the device that holds ``folder`` (its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """True for an ENOSPC failure, also as HDF5 reports it (a RuntimeError naming errno 28)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    return isinstance(err, (OSError, RuntimeError)) and (
-        "No space left on device" in str(err) or "errno = 28" in str(err))
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
-    """A temporary path beside ``path``; once written it is fsynced and moved onto ``path``.
-
-    ``os.replace`` within one folder is atomic: readers see the old file or the new one, never
-    half of one. If the body raises, or writes nothing, ``path`` is left as it was and the
-    temporary file is removed.
-
-    A full disk is ``DiskFullError``: at once when ``size_hint`` bytes (plus ``SPACE_MARGIN``)
-    are not free, else when a write fails with ENOSPC. In that case the half-written file is
-    first cut to nothing, so that HDF5 can close it cleanly (left full, its clean-up at exit
-    ended the process with a segmentation fault).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if size_hint is not None:
-        free = free_bytes(path.parent)
-        if free is not None and free < size_hint + SPACE_MARGIN:
-            raise DiskFullError(path, size_hint + SPACE_MARGIN, free)
-    tmp = temporary_path(path)
-    full: DiskFullError | None = None
-    try:
-        yield tmp
-        if tmp.exists():
-            _fsync(tmp)
-            os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, DiskFullError) or not is_disk_full(err):
-            raise
-        with contextlib.suppress(OSError):
-            os.truncate(tmp, 0)  # while HDF5's objects still live (they are in err's frames)
-        full = DiskFullError(path, size_hint or (path.stat().st_size if path.is_file() else None),
-                             free_bytes(path.parent))
-    finally:
-        tmp.unlink(missing_ok=True)
-    if full is not None:  # raised here, once err and its frames are gone
-        gc.collect()  # HDF5 closes its half-written file now, into the space just freed
-        raise full
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files ``atomic_path`` left behind in ``folder`` (after a SIGKILL)."""
-    removed = []
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.glob(f".*{_TMP_MARK}*"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-class WeightsMismatchError(ValueError):
-    """A weights file that does not fit the model it is loaded into (one-line message)."""
-
-
-@dataclass(frozen=True)
-class WeightsSummary:
-    """What a Keras 3 ``.weights.h5`` file holds: the model's name and each layer's shapes."""
-
-    path: Path
-    model_name: str | None
-    layers: dict[str, tuple[tuple[int, ...], ...]]  # layers with weights: name -> shapes
-    layer_names: frozenset[str]  # every layer recorded, weightless ones too
-
-    @property
-    def params(self) -> int:
-        return sum(math.prod(s) for shapes in self.layers.values() for s in shapes)
-
-
-def read_weights_summary(path: str | os.PathLike) -> WeightsSummary:
-    """Inspect a ``.weights.h5`` file written by ``model.save_weights`` (h5py; no model)."""
-    import h5py
-
-    path = Path(path)
-    layers: dict[str, tuple[tuple[int, ...], ...]] = {}
-    names: set[str] = set()
-    try:
-        with h5py.File(path, "r") as f:
-            root = f.get("vars")
-            model_name = root.attrs.get("name") if root is not None else None
-            group = f.get("layers")
-            for key in group if group is not None else ():
-                vars_group = group[key].get("vars")
-                if vars_group is None:
-                    continue
-                name = str(vars_group.attrs.get("name", key))
-                names.add(name)
-                shapes = tuple(tuple(vars_group[k].shape)
-                               for k in sorted(vars_group, key=lambda k: int(k)))
-                if shapes:
-                    layers[name] = shapes
-    except (OSError, KeyError, ValueError) as err:
-        raise WeightsMismatchError(f"{path}: not a readable Keras .weights.h5 file "
-                                   f"({type(err).__name__}: {err})") from None
-    if isinstance(model_name, bytes):
-        model_name = model_name.decode()
-    return WeightsSummary(path, model_name and str(model_name), layers, frozenset(names))
-
-
-def model_summary(model: keras.Model) -> WeightsSummary:
-    """The same summary as ``read_weights_summary`` for a built model."""
-    layers = {layer.name: tuple(tuple(int(d) for d in w.shape) for w in layer.weights)
-              for layer in model.layers if layer.weights}
-    names = frozenset(layer.name for layer in model.layers)
-    return WeightsSummary(Path(), model.name, layers, names)
-
-
-def _arch_of(model_name: str | None) -> str | None:
-    return next((k for k, v in MODEL_NAMES.items() if v == model_name), None)
-
-
-def _describe(s: WeightsSummary) -> str:
-    bn = " with batch norm" if any(n.startswith("bn") for n in s.layers) else ""
-    return f"{s.model_name or 'an unnamed model'}{bn} ({s.params:,} params)"
-
-
-def check_weights(model: keras.Model, path: str | os.PathLike) -> WeightsSummary:
-    """Check that ``path`` holds weights for ``model``; else raise ``WeightsMismatchError``.
-
-    The message names both networks and the flag that fixes it, e.g. ``best.weights.h5 holds
-    weights for strided_cnn_c (954,730 params) but the model is all_cnn_c (1,369,738 params);
-    pass --arch strided``. Model-C and Strided-CNN-C have identically shaped weights, so the
-    model name stored in the file is compared too.
-    """
-    path = Path(path)
-    saved = read_weights_summary(path)
-    want = model_summary(model)
-    if saved.layers == want.layers and (saved.model_name in (None, want.model_name)):
-        return saved
-    flags = []
-    arch = _arch_of(saved.model_name)
-    if saved.model_name != want.model_name and arch:
-        flags.append(f"--arch {arch}")
-    saved_bn = any(n.startswith("bn") for n in saved.layers)
-    if saved_bn != any(n.startswith("bn") for n in want.layers):
-        flags.append("--bn 1" if saved_bn else "--bn 0")
-    if flags:
-        fix = f"pass {' '.join(flags)}"
-    else:
-        differ = sorted(set(saved.layers) ^ set(want.layers)) or sorted(
-            n for n in saved.layers if saved.layers[n] != want.layers.get(n))
-        fix = f"the layers {', '.join(differ[:4])} differ"
-    raise WeightsMismatchError(f"{path.name} holds weights for {_describe(saved)} but the model "
-                               f"is {_describe(want)}; {fix}")
-
-
-def load_weights(model: keras.Model, path: str | os.PathLike) -> keras.Model:
-    """``model.load_weights(path)`` after ``check_weights``; a missing file is one clear error.
-
-    Keras files each layer under its *class* name (``layers/batch_normalization_3``), so weights
-    saved from stock ``BatchNormalization`` layers do not load into the course's
-    ``FusedBatchNormalization`` (or back): ``check_weights`` has matched every layer by the name
-    the file records, so the weights are then set layer by layer from those names.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    check_weights(model, path)
-    try:
-        with warnings.catch_warnings():  # a failed load warns about each layer it skipped
-            warnings.simplefilter("ignore")
-            model.load_weights(path)
-    except ValueError:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            saved = {str(g["vars"].attrs["name"]): g["vars"] for g in f["layers"].values()
-                     if "vars" in g}
-            for layer in model.layers:
-                if layer.weights:
-                    found = saved[layer.name]
-                    layer.set_weights([found[str(i)][()] for i in range(len(found))])
-    return model
 
 
 def finite_state(model: keras.Model, logs: Mapping[str, Any] | None = None) -> bool:
@@ -558,7 +270,7 @@ def finite_state(model: keras.Model, logs: Mapping[str, Any] | None = None) -> b
     return all(bool(np.isfinite(keras.ops.convert_to_numpy(w)).all()) for w in model.weights)
 
 
-def checkpoint_bytes(model: keras.Model, path: str | os.PathLike | None = None) -> int:
+def checkpoint_bytes(model: keras.Model, path: str | Path | None = None) -> int:
     """About how large a ``.weights.h5`` checkpoint of ``model`` is (its variables, the
     optimizer's included, plus HDF5's overhead); at least the size of ``path`` if it exists."""
     variables = list(model.variables)
@@ -574,16 +286,12 @@ def checkpoint_bytes(model: keras.Model, path: str | os.PathLike | None = None) 
 
 class CheckpointGuard:
     """Shared by a run's checkpoint callbacks, so that a broken state never replaces a good
-    checkpoint: an epoch with a non-finite loss or weight (a diverged run) is not saved, and
-    after a full disk nothing more is written. Either stops the training."""
+    checkpoint: an epoch with a non-finite loss or weight is not saved, and after a full disk
+    nothing more is written. Either stops the training."""
 
     def __init__(self) -> None:
         self.nonfinite_epoch: int | None = None  # the first diverged epoch, counted from 0
         self.disk_full: DiskFullError | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.nonfinite_epoch is not None or self.disk_full is not None
 
     def allows(self, model: keras.Model, epoch: int, logs: Mapping[str, Any] | None) -> bool:
         """May the state at the end of ``epoch`` be saved? (Stops the training when not.)"""
@@ -596,65 +304,53 @@ class CheckpointGuard:
             return False
         return True
 
-    def out_of_space(self, model: keras.Model, err: DiskFullError) -> None:
-        self.disk_full = err
-        model.stop_training = True
+    def save(self, model: keras.Model, path: Path,
+             extra: Callable[[Path], None] | None = None) -> None:
+        """``model.save_weights`` to ``path`` atomically (then ``extra(temporary file)``); a
+        full disk keeps the old file and stops the training."""
+        try:
+            with atomic_path(path, size_hint=checkpoint_bytes(model, path)) as tmp:
+                model.save_weights(str(tmp))
+                if extra is not None:
+                    extra(tmp)
+        except DiskFullError as err:
+            self.disk_full = err
+            model.stop_training = True
 
 
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """``keras.callbacks.ModelCheckpoint`` whose file appears atomically, and never from a
-    diverged state or onto a full disk (``CheckpointGuard``).
+class AtomicModelCheckpoint(keras.callbacks.Callback):
+    """``keras.callbacks.ModelCheckpoint`` for weights (``mode="max"``) whose file appears
+    atomically, and never from a diverged state or onto a full disk (``CheckpointGuard``).
 
-    Keras writes the checkpoint in place, so a crash mid-write leaves a broken file where the
-    last good one was. Here Keras writes to a temporary name beside the target, which then
-    replaces the target with ``os.replace`` (``atomic_path``); when Keras decides not to save
-    (no improvement), nothing changes. An epoch with a NaN loss or weight is not saved (and
-    stops training); so is one whose checkpoint would not fit on the disk (``DiskFullError``
-    in ``guard.disk_full``; the previous checkpoint stays).
+    Keras' own writes in place, so a crash mid-write breaks the last good file, and it has no
+    public hook to write elsewhere; hence this short callback.
     """
 
-    _tmp_target: Path | None = None
-    _target: Path | None = None
-
-    def __init__(self, *args: Any, guard: CheckpointGuard | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, filepath: str | Path, monitor: str = "val_accuracy", mode: str = "max",
+                 save_best_only: bool = False, save_weights_only: bool = True,
+                 initial_value_threshold: float | None = None,
+                 guard: CheckpointGuard | None = None) -> None:
+        super().__init__()
+        if mode != "max" or not save_weights_only:
+            raise ValueError("AtomicModelCheckpoint saves weights, best by the largest value")
+        self.filepath, self.monitor, self.save_best_only = Path(filepath), monitor, save_best_only
+        self.best = initial_value_threshold
         self.guard = guard or CheckpointGuard()
 
-    def _get_file_path(self, epoch, batch, logs):  # Keras hook: where to write
-        if self._tmp_target is not None:
-            return str(self._tmp_target)
-        return super()._get_file_path(epoch, batch, logs)
-
-    def _should_save_model(self, epoch, batch, logs, filepath):  # Keras hook: decide
+    def on_epoch_end(self, epoch, logs=None):
         if not self.guard.allows(self.model, epoch, logs):
-            return False
-        if not super()._should_save_model(epoch, batch, logs, filepath):
-            return False
-        needed = checkpoint_bytes(self.model, self._target) + SPACE_MARGIN
-        free = free_bytes(self._target.parent)
-        if free is not None and free < needed:
-            raise DiskFullError(self._target, needed, free)
-        return True
-
-    def _save_model(self, epoch, batch, logs):  # Keras hook: decide and write
-        if self.guard.stopped:
             return
-        self._target = Path(super()._get_file_path(epoch, batch, logs))
-        try:
-            with atomic_path(self._target) as tmp:
-                self._tmp_target = tmp
-                try:
-                    super()._save_model(epoch, batch, logs)
-                finally:
-                    self._tmp_target = None
-        except DiskFullError as err:
-            self.guard.out_of_space(self.model, err)
+        if self.save_best_only:
+            value = (logs or {}).get(self.monitor)
+            if value is None or (self.best is not None and not float(value) > self.best):
+                return
+            self.best = float(value)
+        self.guard.save(self.model, self.filepath)
 
 
 _EPOCH_ATTR = "allcnn_completed_epochs"
-
-
 _SEED_STATES = "allcnn_seed_states"
+BACKUP_WEIGHTS = "latest.weights.h5"
 
 
 def seed_states(model: keras.Model) -> list[keras.Variable]:
@@ -663,85 +359,65 @@ def seed_states(model: keras.Model) -> list[keras.Variable]:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+class AtomicBackupAndRestore(keras.callbacks.Callback):
     """``keras.callbacks.BackupAndRestore`` with an atomic, self-describing, never-poisoned
-    backup.
+    backup (Keras' writes in place through private hooks; this is the public-API version).
 
-    The weights (and optimizer state, and the dropout layers' seed-generator states) go to a
-    temporary file that also records the number of completed epochs as an HDF5 attribute, and
-    only then replace the previous backup; the epoch therefore always matches the weights, even
-    when the process dies between two files. An epoch with a NaN loss or weight is not backed
-    up, nor one after a full disk (``CheckpointGuard``); a run that a full disk stopped keeps
-    its backup, so that the same command resumes it.
+    After each epoch the weights, the optimizer state and the dropout layers' seed-generator
+    states go to one file that also records the completed epochs (``backup_epoch``), which
+    replaces the previous backup atomically; not after a NaN epoch or a full disk
+    (``CheckpointGuard``). At the start of ``fit`` a backup is loaded; ``fit`` must then be
+    given ``initial_epoch=backup_epoch(backup_dir)`` (``train`` does). ``save_freq`` and
+    ``delete_checkpoint`` are accepted as Keras' names, only as "epoch" and False.
     """
 
-    def __init__(self, backup_dir: str, *args: Any, guard: CheckpointGuard | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(backup_dir, *args, **kwargs)
+    def __init__(self, backup_dir: str | Path, save_freq: str = "epoch",
+                 delete_checkpoint: bool = False, guard: CheckpointGuard | None = None) -> None:
+        super().__init__()
+        if save_freq != "epoch" or delete_checkpoint:
+            raise ValueError("AtomicBackupAndRestore backs up every epoch and keeps the backup")
+        self.weights = Path(backup_dir) / BACKUP_WEIGHTS
         self.guard = guard or CheckpointGuard()
 
-    def on_epoch_end(self, epoch, logs=None):  # noqa: D102 (Keras hook)
-        if not self.guard.allows(self.model, epoch, logs):
+    def on_train_begin(self, logs=None):
+        if not self.weights.is_file():
             return
-        try:
-            super().on_epoch_end(epoch, logs)
-        except DiskFullError as err:
-            self.guard.out_of_space(self.model, err)
-
-    def on_train_end(self, logs=None):  # noqa: D102 (Keras hook)
-        if self.guard.disk_full is None:
-            super().on_train_end(logs)
-
-    def _save_model(self):  # noqa: D102 (Keras hook)
-        os.makedirs(self.backup_dir, exist_ok=True)
+        if not self.model.optimizer.built:  # its variables must exist to be loaded
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self.weights)
         import h5py
 
-        size = checkpoint_bytes(self.model, self._weights_path)
-        with atomic_path(self._weights_path, size_hint=size) as tmp:
-            self.model.save_weights(str(tmp), overwrite=True)
-            with h5py.File(tmp, "a") as f:
-                f.attrs[_EPOCH_ATTR] = int(self._current_epoch)
-                group = f.create_group(_SEED_STATES)
-                for i, state in enumerate(seed_states(self.model)):
-                    group[str(i)] = keras.ops.convert_to_numpy(state)
-        atomic_write_text(self._training_metadata_path, json.dumps(
-            {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
-
-    def _load_model(self):  # noqa: D102 (Keras hook)
-        super()._load_model()
-        epoch = backup_epoch(self.backup_dir)
-        if epoch:
-            self.model._initial_epoch = epoch
-        weights = Path(self._weights_path)
-        if not weights.is_file():
-            return
-        import h5py
-
-        with h5py.File(weights, "r") as f:
-            group = f.get(_SEED_STATES)
-            states = seed_states(self.model)
+        with h5py.File(self.weights, "r") as f:
+            group, states = f.get(_SEED_STATES), seed_states(self.model)
             if group is not None and len(group) == len(states):
                 for i, state in enumerate(states):
                     state.assign(group[str(i)][()])
 
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.guard.allows(self.model, epoch, logs):
+            return
 
-def backup_epoch(backup_dir: str | os.PathLike) -> int:
-    """Completed epochs recorded in a ``AtomicBackupAndRestore`` backup (0 when none)."""
+        def record(tmp: Path) -> None:
+            import h5py
+
+            with h5py.File(tmp, "a") as f:
+                f.attrs[_EPOCH_ATTR] = epoch + 1
+                group = f.create_group(_SEED_STATES)
+                for i, state in enumerate(seed_states(self.model)):
+                    group[str(i)] = keras.ops.convert_to_numpy(state)
+
+        self.guard.save(self.model, self.weights, record)
+
+
+def backup_epoch(backup_dir: str | Path) -> int:
+    """Completed epochs recorded in an ``AtomicBackupAndRestore`` backup (0 when none)."""
     import h5py
 
-    weights = Path(backup_dir) / "latest.weights.h5"
-    if not weights.is_file():
-        return 0
     try:
-        with h5py.File(weights, "r") as f:
-            if _EPOCH_ATTR in f.attrs:
-                return int(f.attrs[_EPOCH_ATTR])
-    except OSError:
+        with h5py.File(Path(backup_dir) / BACKUP_WEIGHTS, "r") as f:
+            return int(f.attrs.get(_EPOCH_ATTR, 0))
+    except OSError:  # absent or unreadable
         return 0
-    meta = Path(backup_dir) / "training_metadata.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text()).get("epoch", 0))
-    return 0
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -769,14 +445,12 @@ class BatchCSVLogger(keras.callbacks.Callback):
     Keras reports running means over the epoch; ``loss`` and ``accuracy`` here are the values of
     the batch alone, recovered from two successive means (exact for equal batch sizes, which
     ``make_dataset(training=True)`` guarantees). ``step`` counts batches from the run's start.
-    A file that already has rows is appended to (``truncate_csv`` cuts it back on resume).
     """
 
-    def __init__(self, filename: str | os.PathLike) -> None:
+    def __init__(self, filename: str | Path) -> None:
         super().__init__()
         self.filename = Path(filename)
         self._file = None
-        self._writer = None
 
     def on_train_begin(self, logs=None):
         new = not self.filename.is_file() or self.filename.stat().st_size == 0
@@ -784,26 +458,21 @@ class BatchCSVLogger(keras.callbacks.Callback):
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(BATCH_COLUMNS)
-            self._file.flush()
+        self._rate = learning_rate_at(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        self._prev = (0.0, 0.0)
+        self._epoch, self._prev = epoch, (0.0, 0.0)
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
-        steps = self.params.get("steps") or 0
         loss = float(logs.get("loss", math.nan))
         acc = float(logs.get("accuracy", math.nan))
-        prev_loss, prev_acc = self._prev
-        batch_loss = (batch + 1) * loss - batch * prev_loss
-        batch_acc = (batch + 1) * acc - batch * prev_acc
+        batch_loss = (batch + 1) * loss - batch * self._prev[0]
+        batch_acc = min(max((batch + 1) * acc - batch * self._prev[1], 0.0), 1.0)
         self._prev = (loss, acc)
-        step = self._epoch * steps + batch
-        lr = current_learning_rate(self.model.optimizer, step)
-        self._writer.writerow([self._epoch, batch, step, f"{batch_loss:.6g}",
-                               f"{min(max(batch_acc, 0.0), 1.0):.6g}", f"{loss:.6g}",
-                               f"{acc:.6g}", f"{lr:.6g}"])
+        step = self._epoch * (self.params.get("steps") or 0) + batch
+        self._writer.writerow([self._epoch, batch, step] + [f"{v:.6g}" for v in (
+            batch_loss, batch_acc, loss, acc, self._rate(step))])
         self._file.flush()
 
     def on_train_end(self, logs=None):
@@ -813,10 +482,7 @@ class BatchCSVLogger(keras.callbacks.Callback):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """A quiet one-line-per-epoch log for notebooks and log files, in a fixed format::
-
-        epoch 3/10  loss 1.234  acc 0.456  val_loss 1.300  val_acc 0.420  12.3 s
-    """
+    """A quiet one-line-per-epoch log (``format_epoch_line``) for notebooks and log files."""
 
     def __init__(self, stream=None) -> None:
         super().__init__()
@@ -845,173 +511,23 @@ def format_epoch_line(epoch: int, epochs: int | None, logs: Mapping[str, float],
     return "  ".join(parts)
 
 
-# --------------------------------------------------------------------------- CSV files
-
-
-def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a CSV file with a header, as dicts of strings ([] when absent)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def truncate_csv(path: str | os.PathLike, epochs: int) -> int:
-    """Keep only rows with ``epoch < epochs`` (and well-formed); returns the rows kept.
-
-    Called at start-up, before the loggers append: a run resumed at epoch ``epochs`` then
-    writes every later epoch exactly once, and a fresh run (``epochs=0``) starts empty.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return 0
-    header, body = rows[0], rows[1:]
-    keep = [r for r in body if len(r) == len(header) and r[0].lstrip("-").isdigit()
-            and int(r[0]) < epochs]
-    if epochs == 0:
-        path.unlink()
-        return 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(keep)
-    return len(keep)
-
-
-def read_history(path: str | os.PathLike) -> dict[str, list[float]]:
-    """``history.csv`` as columns of floats (``epoch`` included, counted from 0)."""
-    rows = read_csv(path)
-    columns: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            try:
-                columns.setdefault(key, []).append(float(value))
-            except (TypeError, ValueError):
-                columns.setdefault(key, []).append(math.nan)
-    return columns
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as the run's ``config.json``.
-
-    ``zca`` applies the paper's preprocessing, global contrast normalization (L2 norm 55)
-    then ZCA whitening with ``zca_epsilon``, fitted on the training split (``fit_zca``).
-    ``init`` is an initializer name (``INITIALIZERS``); ``"lsuv"`` starts from orthogonal
-    weights and applies LSUV (Mishkin & Matas 2015, Algorithm 1) on one training batch.
-    ``learning_rate=None`` takes the optimizer's default (``DEFAULT_LEARNING_RATES``).
-    ``normalize`` standardizes each channel with the training split's mean and std (the simpler
-    alternative to ``zca``; not both). ``steps_per_epoch`` makes an "epoch" that many batches of
-    an endless reshuffled stream (validation after each), e.g. 10 x 300 batches for a budget of
-    3,000; ``None``: one pass over the training split.
-    ``limit`` keeps a class-balanced subset of the training pool (``load_cifar10``).
-    ``backup_dir=None`` means ``~/.cache/allcnn/backup/<run id>``. ``verbose=None`` shows
-    Keras' progress bar when stdout is a terminal and ``EpochLogger`` lines otherwise.
-    ``initial_weights`` starts from a ``.weights.h5`` file (the seed's ``-retrain``).
-    ``bn_momentum``: decay of batch norm's moving mean and variance (Keras' default 0.99
-    averages over ~100 steps, over an epoch at batch 512).
-    The fast recipe's switches (``RECIPES``): ``class_relu`` (the ReLU on conv9),
-    ``max_shift``/``shift_fill`` (translation and its border), ``whiten_init`` (conv1 from
-    ``initializers.whiten_first_conv``), ``ema`` (average of the weights, batch norm
-    re-estimated under it at the end), ``train_on`` (``TRAIN_ON``), ``tta_flip``/``tta_shift``
-    (test-time augmentation of the final validation, and of ``allcnn evaluate``), ``recipe``
-    (the preset's name, for the record).
-    """
-
-    run_id: str | None = None
-    arch: str = "allcnn"
-    variant: str = "paper"
-    batch_norm: bool = False
-    dropout: bool = True
-    init: str = "glorot_uniform"
-    optimizer: str = "sgd"
-    learning_rate: float | None = None
-    rho: float = 0.9
-    schedule: str = "paper"
-    epochs: int = 350
-    steps_per_epoch: int | None = None
-    batch_size: int = 128
-    augment: bool = True
-    normalize: bool = False
-    zca: bool = False
-    zca_epsilon: float = PAPER_ZCA_EPSILON
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    limit: int | None = None
-    seed: int = 0
-    mixed_precision: bool = False
-    distribute: str = "none"
-    data_dir: str | None = None
-    runs_dir: str = "runs"
-    backup_dir: str | None = None
-    verbose: bool | None = None
-    initial_weights: str | None = None
-    class_relu: bool = True
-    bn_momentum: float = 0.99
-    max_shift: int | float = MAX_SHIFT
-    shift_fill: str = "zero"
-    whiten_init: bool = False
-    ema: bool = False
-    train_on: str = "split"
-    tta_flip: bool = False
-    tta_shift: int = 0
-    recipe: str | None = None
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (("arch", self.arch, tuple(ARCHITECTURES)),
-                                     ("init", self.init, INITIALIZERS),
-                                     ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("schedule", self.schedule, SCHEDULES),
-                                     ("distribute", self.distribute, DISTRIBUTE),
-                                     ("shift_fill", self.shift_fill, SHIFT_FILLS),
-                                     ("train_on", self.train_on, TRAIN_ON)):
-            if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.normalize and self.zca:
-            raise ValueError("choose one preprocessing: normalize (per-channel) or zca, not both")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of "
-                             f"{', '.join(RECIPES)}")
-        if self.tta_shift < 0:
-            raise ValueError(f"tta_shift must be >= 0, got {self.tta_shift}")
-        if self.run_id is None:
-            self.run_id = f"{self.arch}_{self.init}_{self.optimizer}_seed{self.seed}"
-        if not self.run_id or "/" in self.run_id or self.run_id in (".", ".."):
-            raise ValueError(f"run id {self.run_id!r} must be a plain folder name")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / str(self.run_id)
-
-    def resolved_backup_dir(self) -> Path:
-        if self.backup_dir:
-            return Path(self.backup_dir)
-        return Path.home() / ".cache" / "allcnn" / "backup" / str(self.run_id)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a backup must share with a run to be resumed by it."""
-        d = self.to_dict()
-        for volatile in ("verbose", "backup_dir", "runs_dir", "data_dir", "initial_weights"):
-            d.pop(volatile)
-        d["run_dir"] = str(self.run_dir.resolve())
-        return d
+def run_callbacks(run_dir: Path, backup_dir: Path, *, monitor: str = "val_accuracy",
+                  best_so_far: float | None = None, verbose: bool = False,
+                  guard: CheckpointGuard | None = None) -> list[keras.callbacks.Callback]:
+    """The callbacks ``train`` gives ``fit``: epoch time and rate, NaN stop, both CSV logs, the
+    best and last checkpoints, a log line per epoch (unless ``verbose``: Keras' progress bar),
+    and the backup, last, so that an epoch counts as done only once all else is written."""
+    guard = guard or CheckpointGuard()
+    callbacks = [
+        EpochInfo(), keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(str(run_dir / HISTORY_CSV), append=True),
+        BatchCSVLogger(run_dir / BATCHES_CSV),
+        AtomicModelCheckpoint(run_dir / BEST_WEIGHTS, monitor=monitor, save_best_only=True,
+                              initial_value_threshold=best_so_far, guard=guard),
+        AtomicModelCheckpoint(run_dir / LAST_WEIGHTS, guard=guard),
+    ]
+    return [*callbacks, *([] if verbose else [EpochLogger()]),
+            AtomicBackupAndRestore(backup_dir, guard=guard)]
 
 
 @dataclass
@@ -1020,7 +536,7 @@ class TrainResult:
 
     run_dir: Path
     model: keras.Model
-    history: dict[str, list[float]]
+    history: dict[str, np.ndarray]
     best_epoch: int | None  # counted from 0, as in history.csv
     best_val_accuracy: float | None
     initial_epoch: int  # > 0 when resumed from a backup
@@ -1053,12 +569,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def fit_zca(x_train: np.ndarray, epsilon: float, scale: float = PAPER_GCN_SCALE
             ) -> ZCAWhitening:
-    """The paper's whitening fitted on the training images: GCN(``scale``), then ZCA.
-
-    Springenberg et al. (Sec. 3.2) follow Goodfellow et al. (2013): global contrast
-    normalization to an L2 norm of 55 per image, then ZCA with ``epsilon`` (0.1) added to the
-    covariance's eigenvalues (``allcnn_lib.preprocessing``).
-    """
+    """The paper's whitening fitted on the training images (Sec. 3.2, after Goodfellow et al.
+    2013): global contrast normalization to an L2 norm of ``scale`` (55), then ZCA with
+    ``epsilon`` (0.1) added to the covariance's eigenvalues."""
     return ZCAWhitening(epsilon=epsilon).fit(global_contrast_normalize(x_train, scale))
 
 
@@ -1095,16 +608,32 @@ def standardize_preprocess(standardizer: Standardizer) -> Callable[[tf.Tensor], 
     return preprocess
 
 
-#: Training images whose 3x3 patches ``whiten_init`` samples (``initializers.whiten_first_conv``).
-WHITENING_IMAGES = 5000
+def load_or_fit_preprocess(config: Mapping[str, Any], run_dir: str | Path,
+                   x_train: np.ndarray | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The input preprocessing of a run with ``config`` (a ``TrainConfig.to_dict()``): its
+    ZCA or per-channel standardization, loaded from ``run_dir``, else (given ``x_train``)
+    fitted on the training images and saved there; /255 when the run had neither."""
+    zca, normalize = config.get("zca"), config.get("normalize")
+    if not (zca or normalize):
+        return scale_to_unit
+    path = Path(run_dir) / (ZCA_FILE if zca else STANDARDIZER_FILE)
+    if path.is_file():
+        state = (ZCAWhitening if zca else Standardizer).load(path)
+    elif x_train is None:
+        what = "ZCA whitening" if zca else "per-channel standardization"
+        raise FileNotFoundError(f"{path}: the run used {what} but its {path.name} is missing")
+    else:
+        state = (fit_zca(x_train, config["zca_epsilon"]) if zca
+                 else Standardizer().fit(x_train))
+        state.save(path)  # atomic
+    return gcn_zca_preprocess(state) if zca else standardize_preprocess(state)
 
 
 def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
                            batches: int = BN_RECALIBRATION_BATCHES) -> int:
     """Re-estimate every ``BatchNormalization`` layer's moving mean and variance as the plain
     average over ``batches`` training batches, for the weights the model has now (e.g. after
-    the EMA of the weights replaced them: the moving statistics were gathered under the raw
-    weights). Returns the batches used."""
+    the EMA of the weights replaced them). Returns the batches used."""
     layers = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
     if not layers:
         return 0
@@ -1123,37 +652,35 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
 
 def _finish_run(config: TrainConfig, model: keras.Model, train_ds: tf.data.Dataset,
                 data: CIFAR10, preprocess: Callable[[tf.Tensor], tf.Tensor], last: Path,
-                steps_per_epoch: int) -> dict[str, Any]:
-    """After the last epoch: with ``ema``, the averaged weights (which ``fit`` put in the model)
-    get batch-norm statistics of their own and become ``last.weights.h5``; then the final
-    weights are scored on the validation split, plain and with the run's test-time
-    augmentation. Returns those figures for ``config.json``."""
+                history: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """After the last epoch: the final weights' validation accuracy for ``config.json`` (the
+    last epoch's, which ``fit`` scored; with test-time augmentation too). With ``ema`` the
+    averaged weights (which ``fit`` put in the model) first get batch-norm statistics of their
+    own, become ``last.weights.h5`` and are scored (also before that re-estimate)."""
     from allcnn_lib.evaluation import evaluate
 
-    final: dict[str, Any] = {}
-    has_val = len(data.y_val) > 0
+    if not len(data.y_val):
+        final: dict[str, Any] = {}
+        if config.ema:
+            final["bn_recalibration_batches"] = recalibrate_batch_norm(model, train_ds)
+            with atomic_path(last) as tmp:
+                model.save_weights(tmp)
+        return final
 
     def score(**tta: Any) -> float:
         return evaluate(model, data.x_val, data.y_val, 512, preprocess=preprocess,
                         **tta).accuracy
 
+    final = {"val_accuracy": float(history["val_accuracy"][-1])}
     if config.ema:
-        if has_val:
-            final["val_accuracy_ema_stale_bn"] = score()
+        final["val_accuracy_ema_stale_bn"] = score()
         final["bn_recalibration_batches"] = recalibrate_batch_norm(model, train_ds)
         with atomic_path(last) as tmp:
             model.save_weights(tmp)
-    if has_val:
         final["val_accuracy"] = score()
-        if config.tta_flip or config.tta_shift:
-            final["val_accuracy_tta"] = score(flip=config.tta_flip, shift=config.tta_shift)
+    if config.tta_flip or config.tta_shift:
+        final["val_accuracy_tta"] = score(flip=config.tta_flip, shift=config.tta_shift)
     return final
-
-
-#: Training images LSUV calibrates on (Mishkin & Matas use one mini-batch; 256 gives a steadier
-#: variance estimate than a batch of 32: LSUV on All-CNN-C takes 0.5 s on a 2-core AVX-512 CPU,
-#: 2.1 s on an AVX2 one, docs/performance.md).
-LSUV_IMAGES = 256
 
 
 def base_initializer(init: str) -> str:
@@ -1166,8 +693,7 @@ def finish_initialization(model: keras.Model, init: str, x_train: np.ndarray, *,
                           images: int = LSUV_IMAGES) -> keras.Model:
     """Complete ``init`` on a model built with ``base_initializer(init)``: for ``"lsuv"``, LSUV
     on ``images`` training images (shuffled with ``seed``, through ``preprocess``, no
-    augmentation); other initializers are complete already. The one path ``train`` and
-    ``experiments.train_briefly`` share. Returns the model."""
+    augmentation); other initializers are complete already. Returns the model."""
     if init != "lsuv":
         return model
     from allcnn_lib.initializers import lsuv
@@ -1192,16 +718,9 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-_PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stdout, flush=True)
-
-
 def _prepare_backup(config: TrainConfig, overwrite: bool = False) -> tuple[Path, int]:
     """The backup folder and the completed epochs to resume from (0: start afresh, always so
-    with ``overwrite``)."""
+    with ``overwrite``, or when the backup belongs to other settings)."""
     backup = config.resolved_backup_dir()
     stamp = backup / "allcnn_run.json"
     fingerprint = config.fingerprint()
@@ -1212,27 +731,12 @@ def _prepare_backup(config: TrainConfig, overwrite: bool = False) -> tuple[Path,
         old = json.loads(stamp.read_text()) if stamp.is_file() else None
         if old != fingerprint:
             if backup_epoch(backup):
-                _say(f"note: the backup in {backup} belongs to another configuration; "
-                     "starting afresh")
+                print(f"note: the backup in {backup} belongs to another configuration; "
+                      "starting afresh", flush=True)
             shutil.rmtree(backup)
     backup.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, json.dumps(fingerprint, indent=1))
-    return backup, backup_epoch(backup)
-
-
-def _best_so_far(history_csv: Path) -> tuple[int | None, float | None]:
-    """The epoch with the best validation accuracy among those with finite losses (a diverged
-    epoch was never saved) and that accuracy; (None, None) when there is none."""
-    history = read_history(history_csv)
-    acc = np.array(history.get("val_accuracy") or [], float)
-    for key in ("loss", "val_loss"):
-        values = np.array(history.get(key) or [], float)
-        if len(values) == len(acc):
-            acc[~np.isfinite(values)] = np.nan
-    if not len(acc) or np.isnan(acc).all():
-        return None, None
-    i = int(np.nanargmax(acc))
-    return int(history["epoch"][i]), float(acc[i])
+    return backup, min(backup_epoch(backup), config.epochs)
 
 
 def fast_forward(dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, *,
@@ -1241,17 +745,18 @@ def fast_forward(dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, *,
     that it shuffles and augments as the uninterrupted run did.
 
     A finite pipeline draws new shuffle and augmentation seeds whenever an iterator over it is
-    made (``reshuffle_each_iteration``), and ``fit`` makes two in each epoch (one to read, one
-    ready for the next epoch): Keras' own epoch iterator is walked through ``epochs`` epochs
-    without reading a batch, which makes the same iterators. An endless pipeline (``repeat``)
-    is one stream across the epochs: it skips the batches already trained on. (Under
-    ``distribute="mirrored"`` the strategy copies the pipeline, so a resumed run reshuffles.)
+    made, and ``fit`` makes two in each epoch (one to read, one ready for the next): Keras' own
+    epoch iterator is walked through ``epochs`` epochs without reading a batch, which makes the
+    same iterators. An endless pipeline (``repeat``) skips the batches already trained on.
+    (Under ``distribute="mirrored"`` the strategy copies the pipeline: a resumed run reshuffles.)
     """
     if not epochs:
         return dataset
     if repeat:
         return dataset.skip(epochs * steps_per_epoch)
-    from keras.src.backend.tensorflow.trainer import TFEpochIterator  # what fit iterates with
+    # Private Keras API, kept because nothing public makes the iterators fit makes: without it
+    # a resumed run sees other shuffles than the uninterrupted one (bit-identical resume).
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
 
     walker = TFEpochIterator(x=dataset, distribute_strategy=tf.distribute.get_strategy(),
                              steps_per_execution=1)
@@ -1261,31 +766,53 @@ def fast_forward(dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, *,
     return dataset
 
 
-def _record_status(files: dict[str, Path], meta: dict[str, Any], status: str,
-                   error: BaseException | None = None) -> None:
-    """Write ``status`` (and a one-line ``error``) into the run's config.json, if the disk
-    lets it; a run that stops early still says why."""
-    meta["run"]["status"] = status
-    meta["run"]["epochs_completed"] = len(read_history(files["history"]).get("epoch", []))
-    if error is not None:
-        meta["run"]["error"] = " ".join(str(error).split())[:300]
-    with contextlib.suppress(OSError):
-        atomic_write_text(files["config"], json.dumps(meta, indent=2))
+def _record_status(run_dir: Path, meta: dict[str, Any], status: str, **extra: Any) -> None:
+    """Write ``status`` (and ``extra``) into the run's config.json, if the disk lets it."""
+    meta["run"].update(status=status, **extra)
+    meta["run"].setdefault("epochs_completed", len(read_columns(run_dir / HISTORY_CSV)
+                                                   .get("epoch", [])))
+    try:
+        atomic_write_text(run_dir / CONFIG_JSON, json.dumps(meta, indent=2))
+    except OSError:
+        pass
+
+
+def _build(config: TrainConfig, data: CIFAR10, steps_per_epoch: int) -> keras.Model:
+    """The compiled model of ``config`` (built in the current strategy's scope)."""
+    model = build_model(config.arch, variant=config.variant, batch_norm=config.batch_norm,
+                        dropout=config.dropout, initializer=base_initializer(config.init),
+                        weight_decay=config.weight_decay, class_relu=config.class_relu,
+                        input_shape=data.x_train.shape[1:], num_classes=len(data.class_names))
+    for layer in model.layers:  # the moving statistics' decay (Keras' default 0.99)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = config.bn_momentum
+    if config.label_smoothing > 0:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate,
+                               rho=config.rho, schedule=config.schedule,
+                               steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                               ema=config.ema)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    return model
 
 
 def train(config: TrainConfig, data: CIFAR10 | None = None, *,
           overwrite: bool = False) -> TrainResult:
-    """Train ``config.arch`` on CIFAR-10 and write ``runs/<id>/`` (see the module docstring).
+    """Train ``config.arch`` on CIFAR-10 and write ``runs/<id>/`` (``allcnn_lib.runs``).
 
-    ``data`` is a ``CIFAR10`` (``load_cifar10``); by default it is loaded from
-    ``config.data_dir`` with ``config.limit`` and ``config.seed`` (the shipped sample when
-    ``ALLCNN_QUICK=1``). Model selection uses the validation split; the test split is never used.
-    ``overwrite``: start afresh even when a backup of this run could be resumed.
+    ``data`` is a ``CIFAR10``; by default it is loaded from ``config.data_dir`` with
+    ``config.limit`` and ``config.seed``. Model selection uses the validation split; the test
+    split is never used. ``overwrite``: start afresh even when a backup could be resumed.
 
-    A run that diverges stops at the first non-finite epoch, which is not saved
+    A diverged run stops at the first non-finite epoch, which is not saved
     (``terminated_on_nan``); a full disk stops it with ``DiskFullError`` and keeps its backup;
     Ctrl-C leaves ``status: interrupted`` in config.json. Running it again resumes from the
     last completed epoch, with the same losses as an uninterrupted run (CPU, default strategy).
+    Draw the curves with ``plots.save_run_plots(run_dir)``.
     """
     start = time.perf_counter()
     seed_everything(config.seed)
@@ -1301,48 +828,30 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
     files = {name: run_dir / fname for name, fname in (
         ("config", CONFIG_JSON), ("history", HISTORY_CSV), ("batches", BATCHES_CSV),
         ("best", BEST_WEIGHTS), ("last", LAST_WEIGHTS))}
-
     backup_dir, initial_epoch = _prepare_backup(config, overwrite)
-    initial_epoch = min(initial_epoch, config.epochs)
     for name in ("history", "batches"):
         truncate_csv(files[name], initial_epoch)
     if initial_epoch:
-        _say(f"resuming {config.run_id} from epoch {initial_epoch + 1} "
-             f"(backup in {backup_dir})")
-    best_epoch, best_acc = _best_so_far(files["history"])
+        print(f"resuming {config.run_id} from epoch {initial_epoch + 1} "
+              f"(backup in {backup_dir})", flush=True)
+    else:  # a fresh start: nothing of an earlier run in this folder is taken for this one's
+        for fname in (BEST_WEIGHTS, LAST_WEIGHTS, ZCA_FILE, STANDARDIZER_FILE):
+            (run_dir / fname).unlink(missing_ok=True)
+    # Fitted on the training split only; a resumed run loads its own.
+    preprocess = load_or_fit_preprocess(config.to_dict(), run_dir, data.x_train)
+    for name, fname in (("zca", ZCA_FILE), ("standardizer", STANDARDIZER_FILE)):
+        if (run_dir / fname).is_file():
+            files[name] = run_dir / fname
 
-    # ----- preprocessing (fitted on the training split only)
-    preprocess = scale_to_unit
-    if config.zca:
-        files["zca"] = run_dir / ZCA_FILE
-        if initial_epoch and files["zca"].is_file():  # resuming: the run's own whitening
-            zca = ZCAWhitening.load(files["zca"])
-        else:
-            zca = fit_zca(data.x_train, config.zca_epsilon)
-            zca.save(files["zca"])  # atomic, like every file here
-        preprocess = gcn_zca_preprocess(zca)
-    elif config.normalize:
-        files["standardizer"] = run_dir / STANDARDIZER_FILE
-        if initial_epoch and files["standardizer"].is_file():
-            standardizer = Standardizer.load(files["standardizer"])
-        else:
-            standardizer = Standardizer().fit(data.x_train)
-            standardizer.save(files["standardizer"])
-        preprocess = standardize_preprocess(standardizer)
-
-    has_val = len(data.y_val) > 0
-    num_classes = len(data.class_names)
-    one_hot = num_classes if config.label_smoothing > 0 else None
+    one_hot = len(data.class_names) if config.label_smoothing > 0 else None
+    repeat = config.steps_per_epoch is not None
     train_ds = make_dataset(data.x_train, data.y_train, config.batch_size, training=True,
                             augment=config.augment, seed=config.seed, preprocess=preprocess,
-                            num_classes=one_hot, repeat=config.steps_per_epoch is not None,
-                            max_shift=config.max_shift, shift_fill=config.shift_fill)
+                            num_classes=one_hot, repeat=repeat, max_shift=config.max_shift,
+                            shift_fill=config.shift_fill)
     val_ds = (make_dataset(data.x_val, data.y_val, config.batch_size, preprocess=preprocess,
-                           num_classes=one_hot) if has_val else None)
+                           num_classes=one_hot) if len(data.y_val) else None)
     steps_per_epoch = config.steps_per_epoch or int(train_ds.cardinality().numpy())
-    if len(data.y_train) < config.batch_size or steps_per_epoch < 1:
-        raise ValueError(f"{len(data.y_train)} training images make no batch of "
-                         f"{config.batch_size}; lower the batch size")
 
     previous_policy = keras.config.dtype_policy()
     if config.mixed_precision:
@@ -1350,14 +859,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
     try:
         strategy = make_strategy(config.distribute)
         with strategy.scope():
-            model = build_model(config.arch, variant=config.variant,
-                                batch_norm=config.batch_norm, dropout=config.dropout,
-                                initializer=base_initializer(config.init),
-                                weight_decay=config.weight_decay, class_relu=config.class_relu,
-                                input_shape=data.x_train.shape[1:], num_classes=num_classes)
-            for layer in model.layers:  # the moving statistics' decay (Keras' default 0.99)
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = config.bn_momentum
+            model = _build(config, data, steps_per_epoch)
             if not initial_epoch:  # a resumed run restores its weights from the backup
                 if config.whiten_init:
                     from allcnn_lib.initializers import whiten_first_conv
@@ -1370,144 +872,65 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
                                       preprocess=preprocess)
             if config.initial_weights:
                 load_weights(model, config.initial_weights)
-            if one_hot:
-                loss = keras.losses.CategoricalCrossentropy(
-                    label_smoothing=config.label_smoothing)
-                metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-            else:
-                loss = keras.losses.SparseCategoricalCrossentropy()
-                metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-            optimizer = make_optimizer(config.optimizer, learning_rate=config.learning_rate,
-                                       rho=config.rho, schedule=config.schedule,
-                                       steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                                       ema=config.ema)
-            model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-
-        if not initial_epoch:
-            for name in ("best", "last"):
-                files[name].unlink(missing_ok=True)
-        recorded = {k: portable_path(v) if k in _PATH_FIELDS and v else v
+        recorded = {k: portable_path(v) if k in PATH_FIELDS and v else v
                     for k, v in config.to_dict().items()}
+        source = data.source
         meta = {**recorded, "run": {
             "model": model.name, "params": int(model.count_params()),
-            "data_source": (portable_path(data.source) if Path(data.source).is_absolute()
-                            else data.source), "is_sample": bool(data.is_sample),
-            "train_images": int(len(data.y_train)), "validation_images": int(len(data.y_val)),
-            "class_names": list(data.class_names), "steps_per_epoch": steps_per_epoch,
-            "resumed_from_epoch": initial_epoch, "status": "running",
-            "keras": keras.__version__, "tensorflow": tf.__version__,
+            "data_source": portable_path(source) if Path(source).is_absolute() else source,
+            "is_sample": bool(data.is_sample), "train_images": int(len(data.y_train)),
+            "validation_images": int(len(data.y_val)), "class_names": list(data.class_names),
+            "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": initial_epoch,
+            "status": "running", "keras": keras.__version__, "tensorflow": tf.__version__,
             "backend": keras.backend.backend(), "replicas": strategy.num_replicas_in_sync}}
         atomic_write_text(files["config"], json.dumps(meta, indent=2))
 
-        monitor = "val_accuracy" if has_val else "accuracy"
+        guard = CheckpointGuard()
         verbose = sys.stdout.isatty() if config.verbose is None else bool(config.verbose)
-        guard = CheckpointGuard()  # no NaN checkpoint, nothing written onto a full disk
-        callbacks: list[keras.callbacks.Callback] = [
-            EpochInfo(),
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.CSVLogger(str(files["history"]), append=True),
-            BatchCSVLogger(files["batches"]),
-            AtomicModelCheckpoint(str(files["best"]), monitor=monitor, mode="max",
-                                  save_best_only=True, save_weights_only=True,
-                                  initial_value_threshold=best_acc, guard=guard),
-            AtomicModelCheckpoint(str(files["last"]), save_weights_only=True, guard=guard),
-        ]
-        if not verbose:
-            callbacks.append(EpochLogger())
-        # Last, so that an epoch counts as done only once its rows and checkpoints are written.
-        # It keeps the backup when fit ends: a crash before config.json says "finished" must
-        # still resume (train removes it below).
-        callbacks.append(AtomicBackupAndRestore(str(backup_dir), save_freq="epoch",
-                                                delete_checkpoint=False, guard=guard))
+        callbacks = run_callbacks(run_dir, backup_dir, guard=guard, verbose=verbose,
+                                  monitor="val_accuracy" if val_ds is not None else "accuracy",
+                                  best_so_far=best_epoch(read_columns(files["history"]))[1])
         # A resumed run sees the data as the uninterrupted run did (same shuffles, same
         # augmentations), and its dropout masks continue from the backup: the same losses.
-        fit_ds = fast_forward(train_ds, initial_epoch, steps_per_epoch,
-                              repeat=config.steps_per_epoch is not None)
+        fit_ds = fast_forward(train_ds, initial_epoch, steps_per_epoch, repeat=repeat)
         try:
             model.fit(fit_ds, validation_data=val_ds, epochs=config.epochs,
-                      steps_per_epoch=config.steps_per_epoch, verbose=1 if verbose else 0,
-                      callbacks=callbacks, shuffle=False)
+                      initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
+                      verbose=1 if verbose else 0, callbacks=callbacks, shuffle=False)
         except KeyboardInterrupt:
-            _record_status(files, meta, "interrupted")
+            _record_status(run_dir, meta, "interrupted")
             raise
         except Exception as err:
-            _record_status(files, meta, "failed", err)
+            _record_status(run_dir, meta, "failed", error=" ".join(str(err).split())[:300])
             raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
     if guard.disk_full is not None:
-        _record_status(files, meta, "disk_full", guard.disk_full)
+        _record_status(run_dir, meta, "disk_full", error=str(guard.disk_full))
         raise guard.disk_full
-    history = read_history(files["history"])
-    best_epoch, best_acc = _best_so_far(files["history"])
-    losses = history.get("loss", [])
-    nan = guard.nonfinite_epoch is not None or (bool(losses) and not math.isfinite(losses[-1]))
+    history = read_columns(files["history"])
+    best, best_acc = best_epoch(history)
+    losses = history.get("loss", np.array([]))
+    nan = guard.nonfinite_epoch is not None or bool(len(losses) and not np.isfinite(losses[-1]))
     completed = len(history.get("epoch", []))
     try:
         if completed >= config.epochs and not nan:
             meta["run"]["final"] = _finish_run(config, model, train_ds, data, preprocess,
-                                               files["last"], steps_per_epoch)
+                                               files["last"], history)
     except KeyboardInterrupt:
-        _record_status(files, meta, "interrupted")
+        _record_status(run_dir, meta, "interrupted")
         raise
-    try:
-        from allcnn_lib.plots import save_run_plots
-
-        files.update(save_run_plots(run_dir))
-    except Exception as err:  # plots are a convenience: never lose a finished run over one
-        _say(f"note: could not draw the training curves ({type(err).__name__}: {err})")
     seconds = time.perf_counter() - start
-    meta["run"].update(status="terminated_on_nan" if nan else "finished",
-                       epochs_completed=completed, best_epoch=best_epoch,
-                       best_val_accuracy=best_acc, seconds=round(seconds, 1))
+    meta["run"].update(epochs_completed=completed, best_epoch=best, best_val_accuracy=best_acc,
+                       seconds=round(seconds, 1))
     if nan:
         meta["run"]["nonfinite_epoch"] = (guard.nonfinite_epoch if guard.nonfinite_epoch
                                           is not None else completed - 1)
-    atomic_write_text(files["config"], json.dumps(meta, indent=2))
+    _record_status(run_dir, meta, "terminated_on_nan" if nan else "finished")
     if completed >= config.epochs or nan:  # done: nothing left to resume
         shutil.rmtree(backup_dir, ignore_errors=True)
-    return TrainResult(run_dir=run_dir, model=model, history=history, best_epoch=best_epoch,
+    return TrainResult(run_dir=run_dir, model=model, history=history, best_epoch=best,
                        best_val_accuracy=best_acc, initial_epoch=initial_epoch,
-                       epochs_completed=completed, terminated_on_nan=nan, seconds=seconds,
-                       files=files)
-
-
-def load_run_config(run_dir_or_file: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``config.json`` of a run folder, or the one beside a weights file (None if none).
-
-    A damaged one is a ``ValueError`` that names the file and the fix."""
-    p = Path(run_dir_or_file)
-    cfg = p / CONFIG_JSON if p.is_dir() else p.parent / CONFIG_JSON
-    if not cfg.is_file():
-        return None
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{cfg}: {config_problem(err)}; restore it, or move it away and give "
-                         "the network's flags (--arch, --bn, --dropout)") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg}: holds a {type(config).__name__}, not a run's settings; "
-                         "restore it, or move it away and give the network's flags "
-                         "(--arch, --bn, --dropout)")
-    return config
-
-
-def config_problem(err: BaseException) -> str:
-    """What is wrong with a config.json that failed to load, in a few words."""
-    if isinstance(err, json.JSONDecodeError):
-        return f"not valid JSON (truncated or edited? {err.msg} at line {err.lineno})"
-    if isinstance(err, UnicodeDecodeError):
-        return "not a text file"
-    return f"unreadable ({getattr(err, 'strerror', None) or err})"
-
-
-__all__ = [
-    "AtomicBackupAndRestore", "AtomicModelCheckpoint", "BatchCSVLogger", "EpochInfo",
-    "EpochLogger", "TrainConfig", "TrainResult", "WeightsMismatchError", "atomic_path",
-    "atomic_write_text", "backup_epoch", "check_weights", "current_learning_rate", "fit_zca",
-    "format_epoch_line", "gcn_zca_preprocess", "load_run_config", "load_weights",
-    "make_dataset", "make_optimizer", "make_schedule", "make_strategy", "paper_boundaries",
-    "read_history", "read_weights_summary", "scale_to_unit", "seed_everything", "train",
-    "truncate_csv",
-]
+                       epochs_completed=completed, terminated_on_nan=nan,
+                       seconds=seconds, files=files)

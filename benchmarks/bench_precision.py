@@ -29,10 +29,19 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from common import RESULTS_DIR, cpu_info, now, run_child, spread, tiled, versions, write_json
+from common import (
+    RESULTS_DIR,
+    batch_timer,
+    cpu_info,
+    now,
+    run_child,
+    spread,
+    tiled,
+    versions,
+    write_json,
+)
 
 POLICIES = ("float32", "mixed_bfloat16")
 
@@ -58,23 +67,13 @@ def child(policy: str, batch: int, steps: int, warmup: int, accuracy_steps: int,
     model.compile(optimizer=make_optimizer("sgd"),
                   loss=keras.losses.SparseCategoricalCrossentropy(),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    times: list[float] = []
-    losses: list[float] = []  # Keras' running mean of the training loss after each batch
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, b, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, b, logs=None):
-            times.append(time.perf_counter() - self.t0)
-            losses.append(float((logs or {}).get("loss", float("nan"))))
-
+    timer = batch_timer()
     ds = make_dataset(x, y, batch, training=True, augment=True, seed=0)
-    history = model.fit(ds.repeat(), epochs=1, steps_per_epoch=total, callbacks=[Timer()],
+    history = model.fit(ds.repeat(), epochs=1, steps_per_epoch=total, callbacks=[timer],
                         verbose=0)
     row: dict[str, object] = {"policy": policy, "batch_size": batch,
                               "compute_dtype": model.layers[2].compute_dtype,
-                              **spread(times[warmup:steps + warmup], batch),
+                              **spread(timer.times[warmup:steps + warmup], batch),
                               "data": "shipped sample" if data.is_sample else "full CIFAR-10"}
     if accuracy_steps:
         n = min(val_images, len(data.y_val))
@@ -82,7 +81,7 @@ def child(policy: str, batch: int, steps: int, warmup: int, accuracy_steps: int,
         row.update({"accuracy_steps": accuracy_steps, "val_images": n,
                     "val_accuracy": result.accuracy, "val_loss": result.loss,
                     "train_loss_last": float(np.asarray(history.history["loss"][-1])),
-                    "train_loss_per_step": losses[:accuracy_steps]})
+                    "train_loss_per_step": timer.losses[:accuracy_steps]})
     return {**row, "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 

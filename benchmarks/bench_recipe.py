@@ -501,10 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: --steps {args.steps} < 20: a smoke run, not the benchmark")
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from allcnn_lib.recipes import RECIPES
+    from allcnn_lib.recipes import RECIPES, cpu_has_bf16
 
-    machine = cpu_info()
-    hw_bf16 = bool(machine["flags"].get("avx512_bf16") or machine["flags"].get("amx_bf16"))
+    machine, hw_bf16 = cpu_info(), bool(cpu_has_bf16())
     bf16 = hw_bf16 if args.precision == "auto" else args.precision == "mixed_bfloat16"
     recipe = {k: RECIPES["fast"].get(k) for k in RECIPE_KEYS}
     spec = {"batches": args.batches, "steps": args.steps, "warmup": args.warmup,

@@ -45,6 +45,7 @@ from pathlib import Path
 from common import (
     RESULTS_DIR,
     TRAIN_GFLOP_PER_IMAGE,
+    batch_timer,
     cpu_info,
     now,
     run_child,
@@ -93,19 +94,11 @@ def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> d
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra["jit_compile"] = bool(model.jit_compile)
         if impl.startswith("ours"):
-            times: list[float] = []
-
-            class Timer(keras.callbacks.Callback):
-                def on_train_batch_begin(self, b, logs=None):
-                    self.t0 = time.perf_counter()
-
-                def on_train_batch_end(self, b, logs=None):
-                    times.append(time.perf_counter() - self.t0)
-
+            timer = batch_timer()
             ds = make_dataset(x, y, batch, training=True, augment=True, seed=0)
             model.fit(ds.repeat(), epochs=1, steps_per_epoch=steps + warmup,
-                      callbacks=[Timer()], verbose=0)
-            times = times[warmup:]
+                      callbacks=[timer], verbose=0)
+            times = timer.times[warmup:]
         else:
             from allcnn_lib.preprocessing import random_shift_flip
 
@@ -115,18 +108,10 @@ def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> d
             times = step_times(lambda: model.train_on_batch(xb, yb), steps, warmup)
     else:
         if impl.startswith("ours"):
-            times = []
-
-            class PTimer(keras.callbacks.Callback):
-                def on_predict_batch_begin(self, b, logs=None):
-                    self.t0 = time.perf_counter()
-
-                def on_predict_batch_end(self, b, logs=None):
-                    times.append(time.perf_counter() - self.t0)
-
+            timer = batch_timer()
             ds = make_dataset(x[:(steps + warmup) * batch], None, batch)
-            model.predict(ds, verbose=0, callbacks=[PTimer()])
-            times = times[warmup:]
+            model.predict(ds, verbose=0, callbacks=[timer])
+            times = timer.times[warmup:]
         else:
             xb = x[:batch].astype("float32") / 255
             times = step_times(lambda: model.predict_on_batch(xb), steps, warmup)

@@ -52,17 +52,10 @@ def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def cpu_info() -> dict[str, object]:
-    """CPU model, SIMD flags of interest, core count and memory of this machine."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    """CPU model, SIMD flags of interest, core count and platform of this machine."""
+    from allcnn_lib.recipes import read_cpuinfo
+
+    model, flags = read_cpuinfo() or (platform.processor() or "unknown", set())
     wanted = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
               "amx_bf16", "amx_tile"]
     return {"model": model, "cpus": os.cpu_count(),
@@ -147,18 +140,26 @@ def conv_macs(model) -> int:
 
 
 def batch_timer():
-    """A Keras callback that records the seconds of every training batch in ``.times``."""
+    """A Keras callback that records the seconds of every training or prediction batch in
+    ``.times``, and Keras' running mean of the training loss after each batch in ``.losses``."""
     import keras
 
     class BatchTimer(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
             self.times: list[float] = []
+            self.losses: list[float] = []
 
         def on_train_batch_begin(self, batch, logs=None):
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self._start)
+            self.losses.append(float((logs or {}).get("loss", float("nan"))))
+
+        on_predict_batch_begin = on_train_batch_begin
+
+        def on_predict_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter() - self._start)
 
     return BatchTimer()

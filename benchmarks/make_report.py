@@ -129,6 +129,15 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("holds" if ok else "**missed**")
 
 
+def speedup_row(label: str, ours: dict | None, base: dict | None, digits: int) -> list[tuple]:
+    """A ">= 1.1x" target row: the ratio of two result rows' images/s (none if one is missing)."""
+    if not (ours and base):
+        return []
+    x = ours["images_per_s"] / base["images_per_s"]
+    return [(label, f"{x:.2f}x ({ours['images_per_s']:.{digits}f} vs "
+             f"{base['images_per_s']:.{digits}f} img/s)", x >= 1.1)]
+
+
 def onednn_is_default(flags: dict) -> bool:
     """TensorFlow 2.21 switches its oneDNN kernels on by itself on x86 CPUs with AVX-512 VNNI,
     AVX512_BF16 or AMX (it prints "oneDNN custom operations are on")."""
@@ -554,17 +563,10 @@ def main() -> int:
     o128, p128 = rows.get(("ours", "train", 128)), rows.get(("torch-loop", "train", 128))
     onednn_default = ("TensorFlow's default on this CPU" if onednn_is_default(flags)
                       else "not the default here")
-    if o128 and p128:
-        x = o128["images_per_s"] / p128["images_per_s"]
-        t.append(("our training path (augmentation, fp32, batch 128) >= 1.1x plain PyTorch "
-                  "channels_last loop", f"{x:.2f}x ({o128['images_per_s']:.1f} vs "
-                  f"{p128['images_per_s']:.1f} img/s)", x >= 1.1))
-    n128 = rows.get(("ours-onednn", "train", 128))
-    if n128 and p128:
-        x = n128["images_per_s"] / p128["images_per_s"]
-        t.append((f"the same with TF_ENABLE_ONEDNN_OPTS=1 ({onednn_default})",
-                  f"{x:.2f}x ({n128['images_per_s']:.1f} vs {p128['images_per_s']:.1f} img/s)",
-                  x >= 1.1))
+    t += speedup_row("our training path (augmentation, fp32, batch 128) >= 1.1x plain PyTorch "
+                     "channels_last loop", o128, p128, 1)
+    t += speedup_row(f"the same with TF_ENABLE_ONEDNN_OPTS=1 ({onednn_default})",
+                     rows.get(("ours-onednn", "train", 128)), p128, 1)
     if o128 and fma:
         frac = o128["images_per_s"] * TRAIN_GFLOP_PER_IMAGE / fma
         t.append(("training compute (fp32) >= 85% of the measured multiply-add peak",
@@ -583,18 +585,11 @@ def main() -> int:
         t.append(("mixed_bfloat16 >= 1.5x float32, accuracy kept",
                   f"{prec['speedup']:.2f}x{acc}", prec["speedup"] >= 1.5 and kept is not False))
     t.extend(recipe_targets(rec, peak))
-    oi, pi = rows.get(("ours", "infer", 256)), rows.get(("torch-loop", "infer", 256))
-    if oi and pi:
-        x = oi["images_per_s"] / pi["images_per_s"]
-        t.append(("inference (batch 256) >= 1.1x PyTorch channels_last",
-                  f"{x:.2f}x ({oi['images_per_s']:.0f} vs {pi['images_per_s']:.0f} img/s)",
-                  x >= 1.1))
-    ni = rows.get(("ours-onednn", "infer", 256))
-    if ni and pi:
-        x = ni["images_per_s"] / pi["images_per_s"]
-        t.append((f"the same with TF_ENABLE_ONEDNN_OPTS=1 ({onednn_default})",
-                  f"{x:.2f}x ({ni['images_per_s']:.0f} vs {pi['images_per_s']:.0f} img/s)",
-                  x >= 1.1))
+    pi = rows.get(("torch-loop", "infer", 256))
+    t += speedup_row("inference (batch 256) >= 1.1x PyTorch channels_last",
+                     rows.get(("ours", "infer", 256)), pi, 0)
+    t += speedup_row(f"the same with TF_ENABLE_ONEDNN_OPTS=1 ({onednn_default})",
+                     rows.get(("ours-onednn", "infer", 256)), pi, 0)
     if lsuv:
         t.append(("LSUV init <= 2 s", f"{lsuv['median_seconds']['lsuv']:.2f} s",
                   lsuv["median_seconds"]["lsuv"] <= 2.0))

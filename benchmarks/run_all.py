@@ -22,15 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS_DIR, cpu_info, now, write_json
+from common import REPO, RESULTS_DIR, now, write_json
+
+from allcnn_lib.recipes import cpu_has_bf16
 
 HERE = Path(__file__).resolve().parent
-
-
-def bf16_hardware() -> bool:
-    """AVX512_BF16 or AMX: the CPUs on which mixed_bfloat16 can be fast."""
-    flags = cpu_info()["flags"]
-    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
 
 
 def precision_step(accuracy: bool) -> list[str]:
@@ -38,7 +34,7 @@ def precision_step(accuracy: bool) -> list[str]:
     the speed is a 20-step median and the accuracy check trains 600 steps (3000 with
     ``--accuracy``, the experiments' budget) and validates on 5,000 images; without it a
     bfloat16 step takes seconds, so 3 timed steps and a 6-step (40-step) check."""
-    if bf16_hardware():
+    if cpu_has_bf16():  # AVX512_BF16 or AMX: mixed_bfloat16 can be fast
         return ["bench_precision.py", "--steps", "20", "--warmup", "2", "--val-images", "5000",
                 "--accuracy-steps", "3000" if accuracy else "600"]
     return ["bench_precision.py", "--steps", "3", "--warmup", "1", "--val-images", "256",

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-               "dog", "frog", "horse", "ship", "truck"]
+from allcnn_lib.data import CLASS_NAMES
 
 
 def pick(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

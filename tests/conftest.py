@@ -24,5 +24,19 @@ def full_cifar10_dir():
     return folder
 
 
+@pytest.fixture(scope="session")
+def no_tensorflow_env(tmp_path_factory) -> dict[str, str]:
+    """An environment for ``allcnn`` processes in which ``import tensorflow`` ends the process
+    with a marker line: a check that passes there provably runs before TensorFlow starts."""
+    fake = tmp_path_factory.mktemp("no_tensorflow") / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('TENSORFLOW WAS IMPORTED')\n")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONDONTWRITEBYTECODE": "1",
+           "ALLCNN_QUICK": "1", "PYTHONPATH": os.pathsep.join(
+               [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("ALLCNN_DEBUG", None)
+    return env
+
+
 def pytest_configure(config):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")

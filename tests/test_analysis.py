@@ -5,9 +5,6 @@ receptive-field boxes; loading the shipped weights; and the image helpers of plo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -22,8 +19,6 @@ from allcnn_lib import analysis  # noqa: E402
 from allcnn_lib.architecture import layer_table  # noqa: E402
 from allcnn_lib.models import ARCH_PARAM_COUNTS, all_cnn_c  # noqa: E402
 from allcnn_lib.plots import heat_overlay, image_table, tile_images  # noqa: E402
-
-FINAL = Path(__file__).resolve().parent.parent / "data" / "final_model"
 
 # Every case of a ReLU's backward pass: inputs x below, at and above zero, against upstream
 # signals g of both signs. The expected results are written out by hand from the rules.
@@ -244,22 +239,30 @@ def test_inference_speed_is_a_positive_rate():
 # --------------------------------------------------------------------------- loading, figures
 
 
-def test_shipped_weights_load_by_layer_name():
-    weights = FINAL / "best.weights.h5"
-    from allcnn_lib.evaluation import load_trained_model
+def test_stock_batch_norm_weights_load_into_the_fused_layers_by_name(tmp_path, monkeypatch):
+    """Keras files a layer's variables under its class name, so a file saved from stock
+    ``BatchNormalization`` (the course's earlier shipped models) loads into
+    ``FusedBatchNormalization`` only through ``load_weights``' by-name fallback."""
+    import keras
 
-    model = load_trained_model(weights)  # stock batch-norm weights into the fused layers
-    config = json.loads((FINAL / "config.json").read_text())
-    assert model.count_params() == config["run"]["params"]
-    import h5py
+    from allcnn_lib import models
+    from allcnn_lib.runs import load_weights
 
-    with h5py.File(weights, "r") as file:
-        saved = {g["vars"].attrs["name"]: g["vars"] for g in file["layers"].values()
-                 if "vars" in g}
-        np.testing.assert_array_equal(np.array(model.get_layer("bn5").moving_variance),
-                                      saved["bn5"]["3"][()])
-        np.testing.assert_array_equal(np.array(model.get_layer("conv9").kernel),
-                                      saved["conv9"]["0"][()])
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        stock = models.all_cnn_c(batch_norm=True)
+    fused = models.all_cnn_c(batch_norm=True)
+    kinds = {type(layer).__name__ for layer in stock.layers}
+    assert "BatchNormalization" in kinds and "FusedBatchNormalization" not in kinds
+    assert any(isinstance(layer, models.FusedBatchNormalization) for layer in fused.layers)
+    rng = np.random.default_rng(0)
+    for variable in stock.weights:  # every variable, moving statistics included, made distinct
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    path = tmp_path / "stock.weights.h5"
+    stock.save_weights(path)
+    load_weights(fused, path)
+    for saved, loaded in zip(stock.weights, fused.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded))
 
 
 def test_image_helpers():

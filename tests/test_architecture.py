@@ -1,6 +1,6 @@
 """Tests of allcnn_lib.architecture: parameters, multiply-accumulates and receptive fields of the
 three "C" networks (counted here by hand from Tables 1 and 2 of Springenberg et al. 2014), the
-classifier-head comparison, class maps and the figure helpers."""
+class maps and the figure helpers."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 from allcnn_lib import architecture as A  # noqa: E402
 from allcnn_lib import models as M  # noqa: E402
+from allcnn_lib import plots  # noqa: E402
 
 ARCHS = ("modelc", "strided", "allcnn")
 
@@ -240,36 +241,6 @@ def test_variant_differences_of_all_cnn_c(paper_models, seed_models):
     assert "relu2" in labelled.index and labelled.loc["relu2", "seed output"] == "absent"
 
 
-# --------------------------------------------------------------------------- heads
-
-
-def test_fc_and_gap_head_params_by_hand():
-    # flatten 6*6*192 = 6,912 -> FC 1024 -> FC 10
-    assert A.fc_head_params((6, 6, 192), (1024,), 10) == 6912 * 1024 + 1024 + 1024 * 10 + 10
-    assert A.fc_head_params((6, 6, 192), (), 10) == 6912 * 10 + 10
-    assert A.gap_head_params((6, 6, 192), (), 10) == 192 * 10 + 10
-    assert A.gap_head_params((6, 6, 192), (192,), 10) == 192 * 192 + 192 + 1930
-    # a GAP head does not grow with the map; an FC head grows with its area
-    assert A.gap_head_params((8, 8, 192)) == A.gap_head_params((6, 6, 192))
-    assert A.fc_head_params((8, 8, 192), ()) == 8 * 8 * 192 * 10 + 10
-
-
-def test_head_comparison_counts_agree_with_keras_and_hand_formulas():
-    table = A.head_comparison((6, 6, 192), 10)
-    params = dict(zip(A.HEADS, table["parameters"], strict=True))
-    assert params == {"fc1024": A.fc_head_params(), "fc": A.fc_head_params(hidden=()),
-                      "nin": A.gap_head_params(), "allcnn": A.gap_head_params(hidden=(192,)),
-                      "gap_fc": 192 * 10 + 10}
-    macs = dict(zip(A.HEADS, table["MACs"], strict=True))
-    assert macs["fc1024"] == 6912 * 1024 + 1024 * 10
-    assert macs["nin"] == 36 * 192 * 10 and macs["gap_fc"] == 192 * 10
-    # the All-CNN-C head is All-CNN-C's own conv8 + conv9
-    ref = A.layer_table(M.all_cnn_c())["parameters"]
-    assert params["allcnn"] == ref["conv8"] + ref["conv9"]
-    with pytest.raises(ValueError, match="unknown head"):
-        A.build_head("svm")
-
-
 # --------------------------------------------------------------------------- class maps
 
 
@@ -311,16 +282,16 @@ def _check_labelled(fig, *, n_titled: int):
 
 def test_plot_layer_costs_and_receptive_fields(paper_models):
     tables = {arch: A.layer_table(model) for arch, model in paper_models.items()}
-    fig = A.plot_layer_costs(tables)
+    fig = plots.plot_layer_costs(tables)
     _check_labelled(fig, n_titled=2)
     assert all(ax.get_ylabel() for ax in fig.axes)
     assert fig.axes[1].get_xlabel()
     bars = fig.axes[0].containers
-    assert len(bars) == 3 and all(len(b) == len(A.LAYER_SLOTS) for b in bars)
+    assert len(bars) == 3 and all(len(b) == len(plots.LAYER_SLOTS) for b in bars)
     # Strided-CNN-C has no conv3 / conv6: its bars there are empty
     strided = list(paper_models).index("strided")
     assert bars[strided][2].get_height() == 0 and bars[strided][5].get_height() == 0
-    fig = A.plot_receptive_fields(tables)
+    fig = plots.plot_receptive_fields(tables)
     _check_labelled(fig, n_titled=2)
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
     allcnn_line = fig.axes[0].get_lines()[list(paper_models).index("allcnn")]
@@ -330,12 +301,12 @@ def test_plot_layer_costs_and_receptive_fields(paper_models):
 def test_plot_class_maps_and_cams():
     maps = np.arange(8 * 8 * 10, dtype=float).reshape(8, 8, 10) / 100
     names = [f"class {i}" for i in range(10)]
-    fig = A.plot_class_maps(maps, names)
+    fig = plots.plot_class_maps(maps, names)
     _check_labelled(fig, n_titled=10)
     assert "mean" in fig.axes[0].get_xlabel()
     images = np.zeros((3, 32, 32, 3), np.uint8)
     cams = np.random.default_rng(0).random((3, 32, 32))
-    fig = A.plot_cams(images, cams, [0, 1, 2], [0, 2, 2], names)
+    fig = plots.plot_cams(images, cams, [0, 1, 2], [0, 2, 2], names)
     _check_labelled(fig, n_titled=3)
     wrong = fig.axes[3 + 1].xaxis.label  # second image of the bottom row was misclassified
     assert matplotlib.colors.to_hex(wrong.get_color()) == "#ff0000"

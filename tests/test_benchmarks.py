@@ -78,8 +78,7 @@ def test_machine_sentence_follows_the_flags():
 
 @pytest.mark.parametrize("bf16, steps", [(True, "600"), (False, "6")])
 def test_precision_check_length_follows_the_hardware(monkeypatch, bf16, steps):
-    monkeypatch.setattr(run_all, "cpu_info",
-                        lambda: {"flags": {"avx512_bf16": bf16, "amx_bf16": False}})
+    monkeypatch.setattr(run_all, "cpu_has_bf16", lambda: bf16)
     args = run_all.precision_step(accuracy=False)
     assert args[args.index("--accuracy-steps") + 1] == steps
 

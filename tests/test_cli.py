@@ -1,4 +1,6 @@
-"""The ``allcnn`` command end to end, in subprocesses, on a few hundred real CIFAR-10 images.
+"""The ``allcnn`` command end to end on a few hundred real CIFAR-10 images: in this process
+(``cli.main``), and in processes of their own where the boundary matters (SIGKILL and resume,
+MirroredStrategy on logical CPUs, checks that must pass before TensorFlow is imported).
 
 Budgets are tiny (``--limit 200``: 180 training and 20 validation images of the shipped sample,
 batch 32, 1-3 epochs); the runs check files, formats and behaviour, not accuracy.
@@ -6,7 +8,9 @@ batch 32, 1-3 epochs); the runs check files, formats and behaviour, not accuracy
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -33,10 +37,25 @@ def _env(quick: bool = True) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path, quick: bool = True, timeout: float = 300
-            ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "allcnn_lib", *map(str, args)], cwd=cwd,
-                          env=_env(quick), capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: object, cwd: Path, quick: bool = True) -> subprocess.CompletedProcess:
+    """``allcnn ARGS`` run in this process (``cli.main``) in ``cwd``, its output captured (the
+    process boundary is tested where it matters: Ctrl-C, SIGKILL, errors before TensorFlow)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.getcwd(), os.environ.get("ALLCNN_QUICK")
+    os.environ["ALLCNN_QUICK"] = "1" if quick else "0"
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        os.chdir(saved[0])
+        if saved[1] is None:
+            os.environ.pop("ALLCNN_QUICK")
+        else:
+            os.environ["ALLCNN_QUICK"] = saved[1]
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def train_args(run_id: str, root: Path, *extra: str, epochs: int = 2, arch: str = "strided",
@@ -51,13 +70,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 1, proc.stderr
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 1 and one line on stderr, ``allcnn: error: ...`` with every needle; the line."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("allcnn: error: ")
+    assert lines[0].startswith("allcnn: error: "), lines[0]
     for needle in needles:
-        assert needle in lines[0]
+        assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +174,10 @@ def test_normalize_and_zca_together_is_one_clear_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated_run(trained_run):
-    """``allcnn evaluate`` on the trained run's best weights, started in the background."""
+    """``allcnn evaluate`` on the trained run's best weights."""
     root, run_dir, _ = trained_run
-    proc = subprocess.Popen([sys.executable, "-m", "allcnn_lib", "evaluate", "--weights",
-                             str(run_dir / "best.weights.h5"), "--limit", "100"], cwd=root,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    yield run_dir, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    return run_dir, run_cli("evaluate", "--weights", run_dir / "best.weights.h5", "--limit",
+                            "100", cwd=root)
 
 
 def test_same_seed_gives_the_same_history(trained_run, evaluated_run, monkeypatch):
@@ -185,7 +200,7 @@ def test_same_seed_gives_the_same_history(trained_run, evaluated_run, monkeypatc
 
 def test_evaluate_prints_test_scores_and_writes_the_confusion_matrix(evaluated_run):
     run_dir, proc = evaluated_run
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr
     assert "SAMPLE accuracy " in stdout and "loss " in stdout
     assert "not the 10,000-image CIFAR-10 test set" in stdout  # labelled as the sample's
@@ -247,8 +262,9 @@ def test_bad_flags_exit_2(args, capsys):
     assert "usage: allcnn" in capsys.readouterr().err
 
 
-def test_bad_flag_exits_2_from_the_shell(tmp_path):
-    proc = run_cli("train", "--optimizer", "adagrad", cwd=tmp_path)
+def test_bad_flag_exits_2_from_the_shell(tmp_path, no_tensorflow_env):
+    proc = run_without_tensorflow(no_tensorflow_env, "train", "--optimizer", "adagrad",
+                                  cwd=tmp_path)
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
 
@@ -283,20 +299,11 @@ def test_numeric_flags_are_range_checked_and_named(flag, value, expected, capsys
     assert flag in err.split(": ")[2].removeprefix("argument ").split("/"), err
 
 
-@pytest.fixture(scope="module")
-def no_tensorflow_env(tmp_path_factory) -> dict[str, str]:
-    """``_env()`` in which ``import tensorflow`` ends the process with a marker line."""
-    fake = tmp_path_factory.mktemp("no_tensorflow") / "tensorflow"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("raise SystemExit('TENSORFLOW WAS IMPORTED')\n")
-    return {**_env(), "PYTHONPATH": os.pathsep.join(
-        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
-
-
 def run_without_tensorflow(env: dict[str, str], *args: object, cwd: Path
                            ) -> subprocess.CompletedProcess:
+    """``allcnn ARGS`` in a process of its own with ``env`` (e.g. ``no_tensorflow_env``)."""
     return subprocess.run([sys.executable, "-m", "allcnn_lib", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("extra, needles", [
@@ -480,8 +487,7 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes(killed_run):
     assert len(read_rows(tmp_path / "runs" / "killed" / "history.csv")) == 1
     assert steps < len(killed_rows) < 2 * steps  # killed mid-epoch
 
-    again = subprocess.run([sys.executable, "-m", "allcnn_lib", *args], cwd=tmp_path,
-                           env=_env(), capture_output=True, text=True, timeout=300)
+    again = run_cli(*args, cwd=tmp_path)  # the same command resumes (in this process)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming killed from epoch 2" in again.stdout
     assert "epoch 1/2" not in again.stdout  # the finished epoch was not trained again

@@ -88,7 +88,7 @@ def test_rows_to_images_channel_first_to_last_on_hand_made_file(tmp_path):
     folder.mkdir()
     for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
         write_batch(folder / name, np.tile(row, (10, 1)), list(range(10)))
-    x_train, _, x_test, _ = D.read_batches_dir(folder)
+    x_train, _, x_test, _ = D.read_full_set(folder)
     image = x_test[0]
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image[..., 0], red)
@@ -223,56 +223,35 @@ def test_env_pointing_at_empty_folder(tmp_path, monkeypatch):
         load_cifar10()
 
 
-def test_missing_batch_file(tmp_path):
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: (f / "data_batch_3").unlink(), r"missing data_batch_3.*Fix:"),
+    (lambda f: _halve(f / "data_batch_2"), r"data_batch_2: not a readable CIFAR-10 batch"),
+    (lambda f: (f / D.TEST_BATCH).write_bytes(b"\x00garbage" * 100), r"test_batch: not a readable"),
+    (lambda f: (f / "data_batch_4").write_bytes(pickle.dumps({b"images": []})),
+     "no 'data' or 'labels'"),
+    (lambda f: write_batch(f / "data_batch_1", np.zeros((10, 3000), np.uint8), list(range(10))),
+     r"'data' has shape \(10, 3000\)"),
+    (lambda f: write_batch(f / "data_batch_1", np.zeros((10, 3072), np.float32),
+                           list(range(10))), "dtype float32"),
+    (lambda f: write_batch(f / "data_batch_1", np.zeros((10, 3072), np.uint8), list(range(9))),
+     r"'labels' has shape \(9,\)"),
+    (lambda f: write_batch(f / "data_batch_1", np.zeros((10, 3072), np.uint8), [12] * 10),
+     r"labels outside 0..9"),
+])
+def test_damaged_batches_folder_is_one_clear_error(tmp_path, damage, problem):
     folder = make_batches_dir(tmp_path)
-    (folder / "data_batch_3").unlink()
-    with pytest.raises(CIFAR10Error, match=r"missing data_batch_3.*Fix:"):
-        load_cifar10(folder)
-
-
-def test_truncated_batch_file_names_the_file(tmp_path):
-    folder = make_batches_dir(tmp_path)
-    raw = (folder / "data_batch_2").read_bytes()
-    (folder / "data_batch_2").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CIFAR10Error, match=r"data_batch_2: not a readable CIFAR-10 batch"):
-        load_cifar10(folder)
-
-
-def test_garbage_batch_file(tmp_path):
-    folder = make_batches_dir(tmp_path)
-    (folder / D.TEST_BATCH).write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(CIFAR10Error, match=r"test_batch: not a readable"):
-        load_cifar10(folder)
-
-
-@pytest.mark.parametrize(
-    "rows, labels, problem",
-    [
-        (np.zeros((10, 3000), np.uint8), list(range(10)), r"'data' has shape \(10, 3000\)"),
-        (np.zeros((10, 3072), np.float32), list(range(10)), "dtype float32"),
-        (np.zeros((10, 3072), np.uint8), list(range(9)), r"'labels' has shape \(9,\)"),
-        (np.zeros((10, 3072), np.uint8), [12] * 10, r"labels outside 0..9"),
-    ],
-)
-def test_wrong_array_shapes(tmp_path, rows, labels, problem):
-    folder = make_batches_dir(tmp_path)
-    write_batch(folder / "data_batch_1", rows, labels)
+    damage(folder)
     with pytest.raises(CIFAR10Error, match=problem):
-        load_cifar10(folder)
-
-
-def test_batch_without_data_key(tmp_path):
-    folder = make_batches_dir(tmp_path)
-    with open(folder / "data_batch_4", "wb") as fh:
-        pickle.dump({b"images": []}, fh)
-    with pytest.raises(CIFAR10Error, match="no 'data' or 'labels'"):
         load_cifar10(folder)
 
 
 def test_corrupt_archive(tmp_path):
     archive = make_archive(tmp_path)
-    raw = archive.read_bytes()
-    archive.write_bytes(raw[: len(raw) // 2])
+    _halve(archive)
     with pytest.raises(CIFAR10Error, match=r"cifar-10-python.tar.gz.*Fix: delete"):
         load_cifar10(archive)
 

@@ -16,12 +16,20 @@ from allcnn_lib.evaluation import (
     load_trained_model,
 )
 from allcnn_lib.models import build_model
-from allcnn_lib.training import MODEL_NAMES, check_weights
+from allcnn_lib.runs import MODEL_NAMES, load_weights
 
 
-def test_model_names_match_the_builders():
+def test_the_run_folders_names_match_the_library():
+    """``allcnn_lib.runs`` holds the choice lists without TensorFlow; they match the modules
+    that implement them."""
+    from allcnn_lib import initializers, models, preprocessing, runs
+
     for arch, name in MODEL_NAMES.items():
         assert build_model(arch).name == name
+    assert set(MODEL_NAMES) == set(models.ARCHITECTURES)
+    assert runs.VARIANTS == models.VARIANTS
+    assert set(runs.INITIALIZERS) == {*initializers.INITIALIZERS, "lsuv"}
+    assert runs.TrainConfig.zca_epsilon == preprocessing.PAPER_ZCA_EPSILON
 
 
 def test_confusion_matrix_counts():
@@ -123,7 +131,7 @@ def test_model_c_and_strided_weights_are_told_apart(strided_weights):
     """Equal shapes, different networks: the model name in the file decides."""
     path, _ = strided_weights
     with pytest.raises(WeightsMismatchError, match="but the model is model_c.*--arch strided"):
-        check_weights(build_model("modelc"), path)
+        load_weights(build_model("modelc"), path)
 
 
 def test_batch_norm_mismatch_suggests_the_flag(strided_weights):

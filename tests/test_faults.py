@@ -26,48 +26,18 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import _env, run_cli
+from test_cli import assert_one_line_error as one_line_error
+from test_cli import run_without_tensorflow as allcnn_process
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT, BATCH, EPOCHS = 100, 32, 2
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONDONTWRITEBYTECODE": "1",
-           "ALLCNN_QUICK": "1", **extra}
-    env.pop("ALLCNN_DEBUG", None)
-    return env
-
-
-@pytest.fixture(scope="module")
-def no_tensorflow_env(tmp_path_factory) -> dict[str, str]:
-    """An environment in which ``import tensorflow`` ends the process with a marker line."""
-    fake = tmp_path_factory.mktemp("no_tensorflow") / "tensorflow"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("raise SystemExit('TENSORFLOW WAS IMPORTED')\n")
-    return _env(PYTHONPATH=os.pathsep.join(
-        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
-
-
-def allcnn(*args: object, cwd: Path, env: dict[str, str] | None = None,
-           timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "allcnn_lib", *map(str, args)], cwd=cwd,
-                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
 def train_args(run_id: str, root: Path, *extra: object, epochs: int = EPOCHS) -> list[str]:
     return ["train", "-id", run_id, "--arch", "strided", "-epochs", str(epochs), "-batchsize",
             str(BATCH), "--limit", str(LIMIT), "--seed", "1", "--runs-dir", str(root / "runs"),
             "--backup-dir", str(root / "backup" / run_id), *map(str, extra)]
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("allcnn: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -112,7 +82,7 @@ def reference(tmp_path_factory, nan_run) -> tuple[Path, list[str]]:
     """One uninterrupted run: the numbers every resumed run must reproduce."""
     root = tmp_path_factory.mktemp("reference")
     args = train_args("ref", root)
-    proc = allcnn(*args, cwd=root)
+    proc = run_cli(*args, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "runs" / "ref", args
 
@@ -147,13 +117,13 @@ def test_finished_run_is_never_trained_again_silently(reference, no_tensorflow_e
     """The same command again stops at once, before TensorFlow, and touches nothing."""
     run_dir, args = reference
     before = {p.name: md5(p) for p in run_dir.iterdir()}
-    proc = allcnn(*args, cwd=run_dir.parent.parent, env=no_tensorflow_env)
+    proc = allcnn_process(no_tensorflow_env, *args, cwd=run_dir.parent.parent)
     one_line_error(proc, "run ref in ", "already finished (2 epochs", "--overwrite", "--id")
     assert {p.name: md5(p) for p in run_dir.iterdir()} == before
     # --overwrite lets it through (here to the next check, an unwritable --backup-dir)
     blocked = run_dir / "history.csv" / "backup"
-    proc = allcnn(*args, "--overwrite", "--backup-dir", blocked, cwd=run_dir.parent.parent,
-                  env=no_tensorflow_env)
+    proc = allcnn_process(no_tensorflow_env, *args, "--overwrite", "--backup-dir", blocked,
+                          cwd=run_dir.parent.parent)
     one_line_error(proc, "--backup-dir", "is a file, not a folder")
 
 
@@ -181,7 +151,7 @@ def test_ctrl_c_then_kill_9_then_the_same_command_resumes_to_the_same_numbers(re
     assert "resuming cut from epoch 2" in proc.stdout
 
     # the same command once more: it resumes and ends as if never interrupted
-    proc = allcnn(*args, cwd=tmp_path)
+    proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resuming cut from epoch 2" in proc.stdout and "epoch 1/2" not in proc.stdout
     assert status(run_dir) == "finished"
@@ -244,7 +214,7 @@ def test_unwritable_output_folders_fail_first_in_one_line(reference, read_only_d
         (["plot", ref_dir, "--out", target], "--out"),
     ]
     for args, flag in cases:
-        proc = allcnn(*args, cwd=tmp_path, env=no_tensorflow_env)
+        proc = allcnn_process(no_tensorflow_env, *args, cwd=tmp_path)
         one_line_error(proc, flag, "cannot write there")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "backup").exists()
 
@@ -274,7 +244,7 @@ def test_full_disk_keeps_the_previous_checkpoint_then_resumes(reference, tmp_pat
     try:
         args = train_args("full", disk)
         run_dir = disk / "runs" / "full"
-        proc = allcnn(*args, cwd=tmp_path)
+        proc = allcnn_process(_env(), *args, cwd=tmp_path)  # HDF5 once segfaulted at exit
         assert proc.returncode == 1, proc.stdout + proc.stderr  # not 139 (segfault)
         line = one_line_error(proc, "no space left on device for ", "needs about ",
                               " MB free", "the previous checkpoint is kept",
@@ -289,7 +259,7 @@ def test_full_disk_keeps_the_previous_checkpoint_then_resumes(reference, tmp_pat
         kept = md5(run_dir / "last.weights.h5")
 
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        proc = allcnn(*args, cwd=tmp_path)
+        proc = run_cli(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "resuming full from epoch 2" in proc.stdout
         assert md5(run_dir / "last.weights.h5") != kept and status(run_dir) == "finished"
@@ -301,20 +271,20 @@ def test_full_disk_keeps_the_previous_checkpoint_then_resumes(reference, tmp_pat
 def _simulated_full_disk(disk: Path, ref_dir: Path, monkeypatch) -> None:
     """Where no tmpfs can be mounted: ``train`` in this process, on a device whose free space
     is ``DISK_BYTES`` minus the files written so far."""
-    from allcnn_lib import training
+    from allcnn_lib import runs, training
 
     def used() -> int:
         return sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
 
     monkeypatch.setenv("ALLCNN_QUICK", "1")
-    monkeypatch.setattr(training, "free_bytes", lambda folder: DISK_BYTES - used())
+    monkeypatch.setattr(runs, "free_bytes", lambda folder: DISK_BYTES - used())
     config = training.TrainConfig(run_id="full", arch="strided", epochs=EPOCHS, batch_size=BATCH,
                                   limit=LIMIT, seed=1, runs_dir=str(disk / "runs"),
                                   backup_dir=str(disk / "backup" / "full"), verbose=False)
-    with pytest.raises(training.DiskFullError, match="needs about .* MB free"):
+    with pytest.raises(runs.DiskFullError, match="needs about .* MB free"):
         training.train(config)
     assert training.backup_epoch(disk / "backup" / "full") == 1
-    monkeypatch.setattr(training, "free_bytes", lambda folder: 1 << 40)
+    monkeypatch.setattr(runs, "free_bytes", lambda folder: 1 << 40)
     result = training.train(config)
     assert result.initial_epoch == 1
     assert_same_numbers(result.run_dir, ref_dir)

@@ -22,7 +22,6 @@ from allcnn_lib.training import (
     TrainConfig,
     make_optimizer,
     make_schedule,
-    portable_path,
     recalibrate_batch_norm,
     standardize_preprocess,
 )
@@ -201,14 +200,6 @@ def test_train_config_rejects_unknown_recipe_and_fill():
         TrainConfig(shift_fill="wrap")
     with pytest.raises(ValueError, match="unknown train_on"):
         TrainConfig(train_on="test")
-
-
-def test_portable_path_records_no_machine_paths(tmp_path):
-    from pathlib import Path
-
-    root = Path(cli.__file__).resolve().parent.parent
-    assert portable_path(root / "data" / "x") == "data/x"
-    assert portable_path(Path.home() / ".cache" / "y") == "~/.cache/y"
 
 
 def _run(*args, cwd, timeout=600):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from allcnn_lib import training
+from allcnn_lib import runs, training
 from allcnn_lib.training import (
     AtomicBackupAndRestore,
     AtomicModelCheckpoint,
@@ -290,7 +291,7 @@ def test_train_sets_up_lsuv_through_finish_initialization(cifar_sample, tmp_path
                          batch_size=16, seed=5, runs_dir=str(tmp_path / "runs"), verbose=False)
     result = training.train(config, data=cifar_sample)
     assert calls == [("lsuv", len(cifar_sample.x_train), 5)]
-    assert result.history["loss"] and np.isfinite(result.history["loss"][-1])
+    assert len(result.history["loss"]) and np.isfinite(result.history["loss"][-1])
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -302,7 +303,7 @@ def _tiny_model() -> keras.Model:
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if training._TMP_MARK in p.name)
+    return sorted(p.name for p in folder.iterdir() if runs.TMP_MARK in p.name)
 
 
 def test_atomic_checkpoint_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -345,36 +346,19 @@ def test_atomic_checkpoint_failure_mid_write_keeps_the_old_file(tmp_path, monkey
     _tiny_model().load_weights(target)  # still a valid checkpoint
 
 
-def test_plain_keras_checkpoint_would_have_broken_the_file(tmp_path, monkeypatch):
-    """The failure the atomic subclass prevents: Keras writes in place."""
-    model = _tiny_model()
-    target = tmp_path / "last.weights.h5"
-    cb = keras.callbacks.ModelCheckpoint(str(target), save_weights_only=True)
-    cb.set_model(model)
-    cb.on_epoch_end(0, {})
-
-    def crash(filepath, overwrite=True, **kwargs):
-        Path(filepath).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(model, "save_weights", crash)
-    with pytest.raises(OSError):
-        cb.on_epoch_end(1, {})
-    assert target.read_bytes() == b"half a checkpoint"
-
-
 def test_atomic_write_text_and_stale_temporaries(tmp_path):
     target = tmp_path / "config.json"
     atomic_write_text(target, "{}")
     assert target.read_text() == "{}"
-    (tmp_path / f".config.json{training._TMP_MARK}abc.json").write_text("junk")
-    assert len(training.remove_stale_temporaries(tmp_path)) == 1
+    (tmp_path / f".config.json{runs.TMP_MARK}abc.json").write_text("junk")
+    assert len(runs.remove_stale_temporaries(tmp_path)) == 1
     assert _leftovers(tmp_path) == []
 
 
 def test_backup_records_the_completed_epochs_in_the_weights_file(tmp_path):
     model = _tiny_model()
     model.compile(optimizer="sgd", loss="mse")
+    model.get_layer("dense").kernel.assign(np.ones((4, 2)))
     cb = AtomicBackupAndRestore(str(tmp_path / "backup"))
     cb.set_model(model)
     assert backup_epoch(tmp_path / "backup") == 0
@@ -386,7 +370,8 @@ def test_backup_records_the_completed_epochs_in_the_weights_file(tmp_path):
     cb2 = AtomicBackupAndRestore(str(tmp_path / "backup"))
     cb2.set_model(restored)
     cb2.on_train_begin()
-    assert restored._initial_epoch == 3
+    for a, b in zip(restored.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _checkpointing(tmp_path: Path, model: keras.Model) -> tuple[list, training.CheckpointGuard]:
@@ -450,7 +435,7 @@ def test_disk_full_mid_write_keeps_the_checkpoint_and_stops(tmp_path, monkeypatc
     last.on_epoch_end(1, {"loss": 0.9})
     assert (tmp_path / "last.weights.h5").read_bytes() == good
     assert _leftovers(tmp_path) == []
-    assert isinstance(guard.disk_full, training.DiskFullError) and model.stop_training
+    assert isinstance(guard.disk_full, runs.DiskFullError) and model.stop_training
     message = str(guard.disk_full)
     assert "no space left on device for " in message and "last.weights.h5" in message
     assert "MB free" in message and "\n" not in message
@@ -461,12 +446,12 @@ def test_disk_full_mid_write_keeps_the_checkpoint_and_stops(tmp_path, monkeypatc
 def test_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
     model = _tiny_model()
     callbacks, guard = _checkpointing(tmp_path, model)
-    monkeypatch.setattr(training, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(runs, "free_bytes", lambda folder: 1000)
     callbacks[1].on_epoch_end(0, {"loss": 1.0})
     assert "needs about 1.3 MB, 0.0 MB free" in str(guard.disk_full)
     assert not (tmp_path / "last.weights.h5").exists() and _leftovers(tmp_path) == []
-    with pytest.raises(training.DiskFullError, match="config.json"):
-        training.atomic_path(tmp_path / "config.json", size_hint=10).__enter__()
+    with pytest.raises(runs.DiskFullError, match="config.json"):
+        runs.atomic_path(tmp_path / "config.json", size_hint=10).__enter__()
 
 
 def test_backup_carries_the_dropout_seed_state(tmp_path):
@@ -575,6 +560,11 @@ def test_training_curves_figure(tmp_path):
     path = save_figure(fig, tmp_path / "acc.png", close=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["acc.png"]
+    # a run trained on all 50,000 images has no validation: no empty "validation" entry
+    history["val_accuracy"] = [float("nan")] * 3
+    ax = training_curves(history, "accuracy", batches=batches).axes[0]
+    assert len(ax.lines) == 3 and ax.get_title() == "Training accuracy"
+    assert "validation" not in [text.get_text() for text in ax.get_legend().get_texts()]
 
 
 def test_gcn_zca_in_the_pipeline_matches_the_numpy_reference(cifar_sample):
@@ -592,3 +582,46 @@ def test_gcn_zca_in_the_pipeline_matches_the_numpy_reference(cifar_sample):
     got = np.concatenate([np.asarray(b) for b in make_dataset(
         x, None, 8, preprocess=gcn_zca_preprocess(zca))])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_interrupted_train_resumes_to_the_same_numbers(cifar_sample, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 2, then ``train`` again: it resumes from the backup (weights, optimizer,
+    dropout seeds, the data pipeline's position) and logs what an uninterrupted run logs."""
+    from allcnn_lib.data import CIFAR10
+
+    data = CIFAR10(cifar_sample.x_train[:96], cifar_sample.y_train[:96],
+                   cifar_sample.x_val[:20], cifar_sample.y_val[:20], cifar_sample.x_test[:10],
+                   cifar_sample.y_test[:10], cifar_sample.class_names, cifar_sample.source,
+                   cifar_sample.is_sample)
+
+    def config(run_id: str) -> TrainConfig:
+        return TrainConfig(run_id=run_id, arch="strided", epochs=2, batch_size=32, seed=2,
+                           runs_dir=str(tmp_path / "runs"), backup_dir=str(tmp_path / run_id),
+                           verbose=False)
+
+    reference = training.train(config("ref"), data)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.optimizer.iterations.numpy() == 4:  # epoch 2 of 3 batches
+                raise KeyboardInterrupt
+
+    callbacks = training.run_callbacks
+
+    def interrupted(*args, **kwargs):  # Ctrl-C before the backup of epoch 2
+        found = callbacks(*args, **kwargs)
+        return [*found[:-1], Interrupt(), found[-1]]
+
+    monkeypatch.setattr(training, "run_callbacks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config("cut"), data)
+    assert json.loads((tmp_path / "runs/cut/config.json").read_text())["run"]["status"] == \
+        "interrupted"
+    monkeypatch.setattr(training, "run_callbacks", callbacks)
+    resumed = training.train(config("cut"), data)
+    assert resumed.initial_epoch == 1 and resumed.epochs_completed == 2
+    for name in ("history.csv", "batches.csv"):
+        rows = [[v for k, v in row.items() if k != "time"]
+                for row in csv.DictReader(io.StringIO((tmp_path / "runs/cut" / name).read_text()))]
+        assert rows == [[v for k, v in row.items() if k != "time"] for row in csv.DictReader(
+            io.StringIO((reference.run_dir / name).read_text()))]
