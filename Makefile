@@ -57,7 +57,7 @@ lab: $(SETUP_STAMP)  ## JupyterLab on the notebooks
 data:  ## unpack the full CIFAR-10 (JPEG copy) from ../shared/ into data/ (project machines only)
 	@test -f ../shared/cifar10/unpack.py || { echo "no ../shared/cifar10 here: load_cifar10() downloads the official archive instead"; exit 1; }
 	$(BIN)/python ../shared/cifar10/unpack.py data/
-	$(BIN)/python -m allcnn_lib verify-data --data-dir data  # md5s, labels per class, pixels
+	$(BIN)/python -m allcnn_lib verify-data --data-dir data  # md5s and images per class
 
 sample: $(SETUP_STAMP)  ## rebuild the shipped sample data/cifar10_sample.npz from ../shared/cifar10
 	$(BIN)/python scripts/make_sample.py
@@ -78,7 +78,7 @@ evaluate: $(SETUP_STAMP)  ## the shipped final model (data/final_model) on the t
 	@# oneDNN's fused conv+batch-norm+ReLU kernels: ~1.25x faster inference for this BN model
 	@# here (~56 s instead of ~69 s for the whole target).
 	TF_ENABLE_ONEDNN_OPTS=1 $(BIN)/python -m allcnn_lib evaluate \
-	  --weights $(FINAL_MODEL)/best.weights.h5 --out build/evaluate/confusion_matrix.png
+	  --weights $(FINAL_MODEL)/model.weights.h5 --out build/evaluate/confusion_matrix.png
 
 clean:  ## remove build outputs (keeps .venv and data)
 	rm -rf build .pytest_cache
