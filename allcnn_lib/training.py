@@ -547,8 +547,8 @@ class TrainResult:
 
     def __repr__(self) -> str:
         best = (f"best val_accuracy {self.best_val_accuracy:.4f} at epoch {self.best_epoch + 1}"
-                if self.best_epoch is not None else "no validation" if "val_accuracy" not in
-                self.history else "no epoch with finite losses")
+                if self.best_epoch is not None else "no epoch with finite losses"
+                if self.terminated_on_nan else "no validation")
         return (f"TrainResult({self.run_dir}: {self.epochs_completed} epochs, {best}, "
                 f"{self.seconds:.1f} s)")
 
@@ -887,9 +887,11 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
 
         guard = CheckpointGuard()
         verbose = sys.stdout.isatty() if config.verbose is None else bool(config.verbose)
+        earlier = read_columns(files["history"])  # the epochs a resumed run already has
+        earlier_seconds = float(np.nansum(earlier.get("time", [])))
         callbacks = run_callbacks(run_dir, backup_dir, guard=guard, verbose=verbose,
                                   monitor="val_accuracy" if val_ds is not None else "accuracy",
-                                  best_so_far=best_epoch(read_columns(files["history"]))[1])
+                                  best_so_far=best_epoch(earlier)[1])
         # A resumed run sees the data as the uninterrupted run did (same shuffles, same
         # augmentations), and its dropout masks continue from the backup: the same losses.
         fit_ds = fast_forward(train_ds, initial_epoch, steps_per_epoch, repeat=repeat)
@@ -921,7 +923,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
     except KeyboardInterrupt:
         _record_status(run_dir, meta, "interrupted")
         raise
-    seconds = time.perf_counter() - start
+    # the whole run's: the epochs of earlier processes (a resumed run) and this process
+    seconds = earlier_seconds + time.perf_counter() - start
     meta["run"].update(epochs_completed=completed, best_epoch=best, best_val_accuracy=best_acc,
                        seconds=round(seconds, 1))
     if nan:

@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": args.machine or info.get("machine") or f"{cpu_description()}, no GPU",
         "versions": {k: info.get(k) for k in ("keras", "tensorflow", "backend")},
         "epochs": epochs,
-        # a resumed run's own "seconds" count only its last process: then the epochs' sum
-        "wall_time_s": (float(sum(history["time"])) if info.get("resumed_from_epoch")
-                        and "time" in history else info.get("seconds")),
+        "wall_time_s": info.get("seconds"),
         "epochs_time_s": float(sum(history["time"])) if "time" in history else None,
         "checkpoint": chosen,
         "val_accuracy": val_accuracy,

@@ -618,8 +618,19 @@ def test_an_interrupted_train_resumes_to_the_same_numbers(cifar_sample, tmp_path
     assert json.loads((tmp_path / "runs/cut/config.json").read_text())["run"]["status"] == \
         "interrupted"
     monkeypatch.setattr(training, "run_callbacks", callbacks)
+    # the first process's epoch, made long: the run's seconds must count it, not only the
+    # resuming process's own time
+    history = tmp_path / "runs/cut/history.csv"
+    rows = list(csv.DictReader(io.StringIO(history.read_text())))
+    rows[0]["time"] = "1000.0"
+    with history.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     resumed = training.train(config("cut"), data)
     assert resumed.initial_epoch == 1 and resumed.epochs_completed == 2
+    recorded = json.loads((tmp_path / "runs/cut/config.json").read_text())["run"]["seconds"]
+    assert 1000 < resumed.seconds < 1000 + 600 and 1000 < recorded < 1000 + 600
     for name in ("history.csv", "batches.csv"):
         rows = [[v for k, v in row.items() if k != "time"]
                 for row in csv.DictReader(io.StringIO((tmp_path / "runs/cut" / name).read_text()))]
