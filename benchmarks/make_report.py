@@ -254,6 +254,51 @@ def _error_text(r: dict) -> str:
     return "error: " + (first[-1] if first else "?")[:160].replace("|", "\\|")
 
 
+def conv_profile_section(prof: dict | None, rec: dict | None) -> list[str]:
+    """The bfloat16 convolutions of the recipe's step, timed alone per framework
+    (``profile_convs.py``), set against the whole step of ``recipe.json`` at the same batch."""
+    out = ["### The recipe's bfloat16 convolutions, one at a time\n"]
+    if not prof:
+        return out + ["not measured yet (`benchmarks/profile_convs.py`, part of `make bench`)\n"]
+    batch, peak, fws = prof["batch_size"], prof["peak_gflops"], prof["frameworks"]
+    out.append(f"`benchmarks/profile_convs.py`, {prof['date']}: every convolution of the "
+               "recipe's All-CNN-C timed alone on random bfloat16 tensors, batch "
+               f"{batch}, median of {prof['steps']}, each framework in its own process with "
+               f"{prof['threads']} threads; load {load_avg(prof)}. Cells: milliseconds and % "
+               "of the bfloat16 dot-product peak.\n")
+    names = list(fws)
+    out.append("| layer | product | " + " | ".join(names) + " |")
+    out.append("|---|---|" + "---:|" * len(names))
+    for i, row in enumerate(fws["tensorflow"]):
+        (oh, ow, cout), (kh, kw), cin = row["out"], row["kernel"], row["in"][2]
+        flop = 2 * batch * oh * ow * kh * kw * cin * cout / 1e9
+        for product in ("forward", "backward data", "backward filter"):
+            if i == 0 and product == "backward data":
+                continue
+            cells = [f"{1e3 * fws[f][i][product]:.1f} ms, "
+                     f"{100 * flop / fws[f][i][product] / peak:.0f}%" if peak else "-"
+                     for f in names]
+            out.append(f"| {row['layer']} ({kh}x{kw}, {cin}->{cout}, {oh}x{ow}) | {product} | "
+                       + " | ".join(cells) + " |")
+    gflop = prof["step_conv_gflop"]
+    out.append("")
+    steps = {"tensorflow": ("recipe", "the recipe path's"), "torch": ("torch-loop",
+                                                                      "the PyTorch loop's")}
+    for f in names:
+        conv_s = prof["conv_seconds"][f]
+        line = (f"- {f}: the step's convolutions take **{conv_s:.2f} s** together "
+                f"({100 * gflop / conv_s / peak:.0f}% of the peak)" if peak else f"- {f}")
+        step = next((r for r in (rec or {}).get("rows", [])
+                     if r.get("variant") == steps[f][0] and r.get("batch_size") == batch), None)
+        if step:
+            whole = step["median_step_s"]
+            line += (f"; {steps[f][1]} whole step takes {whole:.2f} s, so everything else "
+                     f"(batch norm, ReLU, casts, loss, update, input) costs "
+                     f"{whole - conv_s:.2f} s ({100 * (whole - conv_s) / whole:.0f}%)")
+        out.append(line + ".")
+    return out + [""]
+
+
 def recipe_section(rec: dict | None, peak: dict | None) -> list[str]:
     """The recipe path (batch norm + mixed_bfloat16) against PyTorch, and a whole epoch."""
     out = ["## The recipe path: batch norm + mixed_bfloat16, against PyTorch\n"]
@@ -523,6 +568,7 @@ def main() -> int:
         w("not measured\n")
 
     out.extend(recipe_section(rec, peak))
+    out.extend(conv_profile_section(load("profile_convs"), rec))
 
     w("## Other timings\n")
     w("| what | measured | load |\n|---|---|---|")

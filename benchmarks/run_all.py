@@ -10,6 +10,8 @@ accuracy check to 3000 steps (40 without bfloat16 hardware, ~15 min more there);
 batch norm + mixed_bfloat16 against PyTorch, ~9 min on the 2-core AVX-512 machine of
 2026-11-30, torch.compile's compilation included) includes a whole epoch of the recipe (~4-5
 min more); ``--no-recipe-epoch`` leaves the epoch out (the report then shows no epoch figure).
+``profile_convs.py`` then times each bfloat16 convolution of that step alone, in TensorFlow
+and in PyTorch (~1-2 min).
 The wall time of the run goes to ``benchmarks/results/run_all.json``.
 """
 
@@ -51,7 +53,8 @@ def steps(notebooks: bool, accuracy: bool, recipe_epoch: bool = True) -> list[li
            precision_step(accuracy),
            ["bench_speed.py"],
            ["profile_step.py"],
-           ["bench_recipe.py", *(["--epoch"] if recipe_epoch else [])]]
+           ["bench_recipe.py", *(["--epoch"] if recipe_epoch else [])],
+           ["profile_convs.py"]]
     if notebooks:
         out.append(["bench_notebooks.py"])
     return out

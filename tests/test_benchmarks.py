@@ -20,6 +20,7 @@ import bench_precision  # noqa: E402
 import bench_recipe  # noqa: E402
 import common  # noqa: E402
 import make_report  # noqa: E402
+import profile_convs  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -170,3 +171,32 @@ def test_conv_macs_counts_all_cnn_c():
     macs = common.conv_macs(build_model("allcnn", batch_norm=True, dropout=False))
     assert macs == 270_798_336
     assert round(6 * macs / 1e9, 2) == common.TRAIN_GFLOP_PER_IMAGE
+
+
+def _conv_rows(seconds: float) -> list[dict]:
+    shapes = [([32, 32, 3], [32, 32, 96], 1), ([32, 32, 96], [32, 32, 96], 1)]
+    return [{"layer": f"conv{i + 1}", "in": i_, "out": o, "kernel": [3, 3], "stride": s,
+             "padding": "SAME", "forward": seconds, "backward data": seconds,
+             "backward filter": seconds} for i, (i_, o, s) in enumerate(shapes)]
+
+
+def test_conv_profile_counts_flop_and_renders_against_the_step():
+    rows = _conv_rows(0.01)
+    assert profile_convs.gflop(rows[1], 1) == pytest.approx(2 * 32 * 32 * 9 * 96 * 96 / 1e9)
+    prof = {"batch_size": 256, "peak_gflops": 400.0, "steps": 10, "threads": 2,
+            "date": "d", "load_average_before": [1, 1, 1], "load_average_after": [1, 1, 1],
+            "step_conv_gflop": 100.0, "conv_seconds": {"tensorflow": 0.5, "torch": 0.4},
+            "frameworks": {"tensorflow": rows, "torch": _conv_rows(0.02)}}
+    rec = {"rows": [{"variant": "recipe", "batch_size": 256, "median_step_s": 1.25},
+                    {"variant": "torch-loop", "batch_size": 256, "median_step_s": 1.0}]}
+    text = "\n".join(make_report.conv_profile_section(prof, rec))
+    assert "| conv1 (3x3, 3->96, 32x32) | backward data" not in text  # the image needs none
+    assert "| conv2 (3x3, 96->96, 32x32) | backward data | 10.0 ms" in text
+    assert "take **0.50 s** together (50% of the peak)" in text
+    assert "whole step takes 1.25 s, so everything else" in text and "0.75 s (60%)" in text
+    assert "0.60 s (60%)" in text
+    assert "not measured yet" in "".join(make_report.conv_profile_section(None, None))
+
+
+def test_run_all_profiles_the_convolutions():
+    assert ["profile_convs.py"] in run_all.steps(False, False)
