@@ -1,7 +1,6 @@
 """The seed README's four experiments and the fast recipe's ablation, as grids of runs.
 
-Each run is ``allcnn train`` with one setting changed from a reference; the README's runs use
-the seed's recipe for ``BUDGET_BATCHES`` batches, validated every ``STEPS_PER_EPOCH``.
+Each run is ``allcnn train`` with one setting changed from a reference.
 ``scripts/run_experiments.py`` runs a grid and copies each run's small files to
 ``results/<config>/seed<k>/``; notebooks 08 and 10 read them back with the readers below.
 """
@@ -10,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,15 +23,13 @@ STEPS_PER_EPOCH = 300  # validation every 300 batches: 10 points per run
 EPOCHS = BUDGET_BATCHES // STEPS_PER_EPOCH
 SEEDS = (0, 1)
 
-#: Flags every run shares: All-CNN-C (paper), the seed's schedule and batch size; the optimizer
-#: is the CLI's default, SGD with Nesterov momentum at lr 0.01 (the seed's).
+#: Flags every run shares: All-CNN-C (paper), the seed's schedule, batch size and SGD-Nesterov.
 COMMON_FLAGS = ("--arch", "allcnn", "--variant", "paper", "--schedule", "seed",
                 "--batch-size", str(BATCH_SIZE), "--epochs", str(EPOCHS),
                 "--steps-per-epoch", str(STEPS_PER_EPOCH))
 
 RESULT_FILES = ("config.json", "history.csv", "batches.csv")
-#: A ladder rung's one evaluation on the test set (``allcnn evaluate`` of its last weights).
-TEST_FILE = "test.json"
+TEST_FILE = "test.json"  # a ladder rung's one evaluation on the test set
 
 
 @dataclass(frozen=True)
@@ -51,10 +49,8 @@ class Config:
                 "--seed", str(seed), "--runs-dir", str(runs_dir), *map(str, extra)]
 
 
-BASELINE = Config("baseline", "SGD-Nesterov, Glorot uniform, shifts+flips, dropout")
-
 CONFIGS: dict[str, Config] = {c.key: c for c in (
-    BASELINE,
+    Config("baseline", "SGD-Nesterov, Glorot uniform, shifts+flips, dropout"),
     Config("init_lsuv", "LSUV", ("--init", "lsuv")),
     Config("init_glorot_normal", "Glorot normal", ("--init", "glorot_normal")),
     Config("init_he_uniform", "He uniform", ("--init", "he_uniform")),
@@ -138,18 +134,12 @@ def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
               seeds: Sequence[int] = SEEDS) -> list[tuple[Config, int]]:
     """(configuration, seed) pairs, each once, experiment by experiment, the seeds of a
     configuration together: a partial grid completes whole experiments."""
-    unknown = [e for e in experiments if e not in EXPERIMENTS and e not in RECIPE_EXPERIMENTS]
+    grids, configs = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}, {**CONFIGS, **RECIPE_CONFIGS}
+    unknown = [e for e in experiments if e not in grids]
     if unknown:
-        raise ValueError(f"unknown experiment {unknown[0]!r}; choose from "
-                         f"{', '.join([*EXPERIMENTS, *RECIPE_EXPERIMENTS])}")
-    order: list[tuple[Config, int]] = []
-    for experiment in experiments:
-        for key in {**EXPERIMENTS, **RECIPE_EXPERIMENTS}[experiment]:
-            for seed in seeds:
-                config = {**CONFIGS, **RECIPE_CONFIGS}[key]
-                if (config, seed) not in order:
-                    order.append((config, seed))
-    return order
+        raise ValueError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(grids)}")
+    pairs = [(configs[key], seed) for e in experiments for key in grids[e] for seed in seeds]
+    return list(dict.fromkeys(pairs))
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -166,6 +156,16 @@ def is_complete(folder: str | os.PathLike) -> bool:
         folder / "batches.csv").is_file()
 
 
+def _finished(results: str | os.PathLike, keys: Sequence[str]
+              ) -> Iterator[tuple[str, int, Path, dict[str, Any]]]:
+    """(key, seed, folder, config.json) of each complete run under ``results/<key>/``."""
+    for key in keys:
+        for folder in sorted((Path(results) / key).glob("seed*")):
+            if is_complete(folder):
+                config = json.loads((folder / "config.json").read_text())
+                yield key, int(folder.name.removeprefix("seed")), folder, config
+
+
 BATCH_COLUMNS = ["config", "label", "seed", "step", "loss", "accuracy"]
 EPOCH_COLUMNS = ["config", "label", "seed", "epoch", "batches", "val_loss", "val_accuracy"]
 
@@ -175,20 +175,14 @@ def load_results(results: str | os.PathLike, keys: Sequence[str] | None = None):
     training batch, ``BATCH_COLUMNS``) and ``epochs`` (one row per validation)."""
     import pandas as pd
 
-    batch_frames, epoch_frames = [pd.DataFrame(columns=BATCH_COLUMNS)], [
-        pd.DataFrame(columns=EPOCH_COLUMNS)]
-    for key in keys or list(CONFIGS):
-        for folder in sorted((Path(results) / key).glob("seed*")):
-            if not is_complete(folder):
-                continue
-            run = {"config": key, "label": CONFIGS[key].label,
-                   "seed": int(folder.name.removeprefix("seed"))}
-            batch_frames.append(pd.read_csv(folder / "batches.csv").assign(**run))
-            steps = json.loads((folder / "config.json").read_text())["run"]["steps_per_epoch"]
-            e = pd.read_csv(folder / "history.csv").assign(**run)
-            epoch_frames.append(e.assign(batches=(e["epoch"] + 1) * int(steps)))
-    return (pd.concat(batch_frames, ignore_index=True)[BATCH_COLUMNS],
-            pd.concat(epoch_frames, ignore_index=True)[EPOCH_COLUMNS])
+    batches, epochs = [pd.DataFrame(columns=BATCH_COLUMNS)], [pd.DataFrame(columns=EPOCH_COLUMNS)]
+    for key, seed, folder, config in _finished(results, keys or list(CONFIGS)):
+        run = {"config": key, "label": CONFIGS[key].label, "seed": seed}
+        batches.append(pd.read_csv(folder / "batches.csv").assign(**run))
+        e = pd.read_csv(folder / "history.csv").assign(**run)
+        epochs.append(e.assign(batches=(e["epoch"] + 1) * int(config["run"]["steps_per_epoch"])))
+    return (pd.concat(batches, ignore_index=True)[BATCH_COLUMNS],
+            pd.concat(epochs, ignore_index=True)[EPOCH_COLUMNS])
 
 
 def summary_table(epochs, keys: Sequence[str] | None = None):
@@ -239,11 +233,11 @@ def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window:
     return fig
 
 
-def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd", init: str =
-                  "glorot_uniform", steps: int = 300, seed: int = 0, batch_size: int = BATCH_SIZE):
-    """All-CNN-C (paper) trained ``steps`` batches as the grid's runs train (shifts, flips,
-    dropout, ``optimizer`` at its default rate, ``init`` as ``train`` applies it), to look
-    inside a run of the grid, which keeps no weights (``signal_propagation.activation_statistics``).
+def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd",
+                  init: str = "glorot_uniform", steps: int = 300, seed: int = 0,
+                  batch_size: int = BATCH_SIZE):
+    """All-CNN-C trained ``steps`` batches as the grid's runs train (shifts, flips, dropout,
+    ``optimizer`` at its default rate), to look inside a run, which keeps no weights.
     Returns ``(model, last loss)``."""
     import keras
 
@@ -279,62 +273,52 @@ RECIPE_COLUMNS = ("config", "label", "seed", "epochs", "val_accuracy", "val_accu
 
 def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
     """One row per finished run under ``results/recipe/`` (``RECIPE_COLUMNS``): the final
-    validation accuracy (of the EMA with batch norm re-estimated when the run kept one), of
-    the raw weights (``history.csv``), with TTA, of the EMA before re-estimation, a ladder
-    rung's test accuracy (``test.json``, else NaN), minutes and machine."""
+    validation accuracy (of the EMA with batch norm re-estimated if the run kept one), of the
+    raw weights, with TTA, of the EMA before re-estimation, a ladder rung's test accuracy
+    (``test.json``), minutes and machine; NaN where a run has no such value."""
     import pandas as pd
 
     rows = []
-    for key in keys or list(RECIPE_CONFIGS):
-        for folder in sorted((Path(results) / key).glob("seed*")):
-            if not is_complete(folder):
-                continue
-            config = json.loads((folder / "config.json").read_text())
-            run, final = config["run"], config["run"].get("final", {})
-            test = folder / TEST_FILE
-            history = pd.read_csv(folder / "history.csv")
-            rows.append({
-                "config": key.removeprefix("recipe/"), "label": RECIPE_CONFIGS[key].label,
-                "seed": int(folder.name.removeprefix("seed")), "epochs": config["epochs"],
-                "val_accuracy": final.get("val_accuracy", np.nan),
-                "val_accuracy_raw": float(history["val_accuracy"].iloc[-1]),
-                "val_accuracy_tta": final.get("val_accuracy_tta", np.nan),
-                "val_accuracy_ema_stale_bn": final.get("val_accuracy_ema_stale_bn", np.nan),
-                "test_accuracy": (json.loads(test.read_text())["accuracy"] if test.is_file()
-                                  else np.nan),
-                "minutes": run.get("seconds", np.nan) / 60,
-                "machine": run.get("machine", "")})
+    for key, seed, folder, config in _finished(results, keys or list(RECIPE_CONFIGS)):
+        run, test = config["run"], folder / TEST_FILE
+        final = run.get("final", {})
+        history = pd.read_csv(folder / "history.csv")
+        rows.append({
+            "config": key.removeprefix("recipe/"), "label": RECIPE_CONFIGS[key].label,
+            "seed": seed, "epochs": config["epochs"],
+            "val_accuracy": final.get("val_accuracy", np.nan),
+            "val_accuracy_raw": float(history["val_accuracy"].iloc[-1]),
+            "val_accuracy_tta": final.get("val_accuracy_tta", np.nan),
+            "val_accuracy_ema_stale_bn": final.get("val_accuracy_ema_stale_bn", np.nan),
+            "test_accuracy": (json.loads(test.read_text())["accuracy"] if test.is_file()
+                              else np.nan),
+            "minutes": run.get("seconds", np.nan) / 60, "machine": run.get("machine", "")})
     return pd.DataFrame(rows, columns=RECIPE_COLUMNS)
 
 
 def ablation_table(runs):
     """The ablation from ``recipe_runs``: per configuration the raw weights' final validation
-    accuracy (mean and per seed), its difference from the full recipe's, and median minutes.
-    Two rows come from the full runs, as they do not change training: the EMA with batch norm
-    re-estimated, and test-time augmentation (its gain on the final weights)."""
+    accuracy (mean and per seed), its difference from the full recipe's, and median minutes;
+    two rows derived from the full runs: the EMA with batch norm re-estimated, and TTA's gain."""
     import pandas as pd
 
     ablation = [k.removeprefix("recipe/") for k in RECIPE_EXPERIMENTS["recipe_ablation"]]
     runs = runs[runs["config"].isin(ablation) & (runs["epochs"] == RECIPE_ABLATION_EPOCHS)]
     full = runs[runs["config"] == "full"]
-    base = full["val_accuracy_raw"].mean()
-    derived = []
     with_ema = full[full["val_accuracy_ema_stale_bn"].notna()]
-    if len(with_ema):
-        derived.append(with_ema.assign(
-            config="ema", label="+ EMA of the weights, batch norm re-estimated (same runs)",
-            val_accuracy_raw=with_ema["val_accuracy"]))
-    if len(full):
-        derived.append(full.assign(  # TTA's gain on the final weights it averaged
-            config="tta", label="+ test-time augmentation: its gain on the final weights",
-            val_accuracy_raw=full["val_accuracy_raw"] + full["val_accuracy_tta"]
-            - full["val_accuracy"]))
+    derived = [
+        with_ema.assign(config="ema", val_accuracy_raw=with_ema["val_accuracy"],
+                        label="+ EMA of the weights, batch norm re-estimated (same runs)"),
+        full.assign(config="tta", label="+ test-time augmentation: its gain on the final weights",
+                    val_accuracy_raw=full["val_accuracy_raw"] + full["val_accuracy_tta"]
+                    - full["val_accuracy"])]
+    frames = pd.concat([runs, *(d for d in derived if len(d))], ignore_index=True)
     rows = []
-    for config, group in pd.concat([runs, *derived], ignore_index=True).groupby(
-            "config", sort=False):
+    for config, group in frames.groupby("config", sort=False):
         mean = group["val_accuracy_raw"].mean()
         rows.append({"config": config, "label": group["label"].iloc[0], "seeds": len(group),
-                     "val_accuracy": mean, "difference": mean - base,
+                     "val_accuracy": mean,
+                     "difference": mean - full["val_accuracy_raw"].mean(),
                      "per_seed": ", ".join(f"{v:.2%}" for v in group["val_accuracy_raw"]),
                      "minutes": group["minutes"].median()})
     return pd.DataFrame(rows, columns=["config", "label", "seeds", "val_accuracy", "difference",

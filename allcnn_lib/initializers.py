@@ -1,8 +1,6 @@
-"""Weight initializers: the named Keras initializers the course compares (``get_initializer``,
-``expected_std``), and LSUV (``lsuv``: Mishkin & Matas 2015, Algorithm 1, read in notebook 03).
-``seed_orthonormal`` and ``lsuv_seed_rebuild`` keep the seed repository's versions, whose defects
-notebook 03 shows. ``whiten_first_conv`` sets conv1 to ZCA filters of image patches.
-"""
+"""Weight initializers: the course's named initializers and their stds (notebook 02), LSUV
+(Mishkin & Matas 2015, Algorithm 1; notebook 03) beside the seed repository's versions, and
+patch-whitening filters for conv1 (airbench)."""
 
 from __future__ import annotations
 
@@ -13,21 +11,12 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-#: Std of the "gaussian" initializer: Caffe's ``gaussian`` filler with ``std: 0.01``.
-GAUSSIAN_STD = 0.01
+from allcnn_lib.runs import INITIALIZERS as _CHOICES
 
-#: Name -> factory ``f(seed) -> Initializer`` (an int seed draws the same numbers every call).
-INITIALIZERS: dict[str, Callable[[int | None], keras.initializers.Initializer]] = {
-    "gaussian": lambda seed: keras.initializers.RandomNormal(0.0, GAUSSIAN_STD, seed=seed),
-    "glorot_normal": lambda seed: keras.initializers.GlorotNormal(seed=seed),
-    "glorot_uniform": lambda seed: keras.initializers.GlorotUniform(seed=seed),
-    "he_normal": lambda seed: keras.initializers.HeNormal(seed=seed),
-    "he_uniform": lambda seed: keras.initializers.HeUniform(seed=seed),
-    "orthogonal": lambda seed: keras.initializers.Orthogonal(gain=1.0, seed=seed),
-}
+#: The named initializers (``runs.INITIALIZERS`` less LSUV, which starts from orthogonal).
+INITIALIZERS = tuple(name for name in _CHOICES if name != "lsuv")
 UNIFORM_INITIALIZERS = ("glorot_uniform", "he_uniform")
-
-#: The layers LSUV rescales, in forward order.
+GAUSSIAN_STD = 0.01  # Caffe's gaussian filler, std 0.01
 LSUV_LAYER_TYPES = (keras.layers.Conv2D, keras.layers.Dense)
 
 
@@ -38,15 +27,16 @@ def _key(name: str) -> str:
     return key
 
 
-def get_initializer(name_or_obj: str | keras.initializers.Initializer,
+def get_initializer(name: str | keras.initializers.Initializer,
                     seed: int | None = None) -> keras.initializers.Initializer:
-    """A Keras initializer by course name; an ``Initializer`` is returned unchanged."""
-    if isinstance(name_or_obj, keras.initializers.Initializer):
-        return name_or_obj
-    if not isinstance(name_or_obj, str):
-        raise TypeError(f"initializer must be a name or a keras.initializers.Initializer, "
-                        f"got {type(name_or_obj).__name__}")
-    return INITIALIZERS[_key(name_or_obj)](seed)
+    """A Keras initializer by course name (orthogonal with gain 1); an instance passes."""
+    if isinstance(name, keras.initializers.Initializer):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"initializer must be a name or an Initializer, got {name!r}")
+    if _key(name) == "gaussian":
+        return keras.initializers.RandomNormal(0.0, GAUSSIAN_STD, seed=seed)
+    return type(keras.initializers.get(_key(name)))(seed=seed)
 
 
 def fans(kernel_shape: Sequence[int]) -> tuple[int, int]:
@@ -54,17 +44,12 @@ def fans(kernel_shape: Sequence[int]) -> tuple[int, int]:
     shape = tuple(int(d) for d in kernel_shape)
     if len(shape) < 2:
         return (shape[0], shape[0]) if shape else (1, 1)
-    receptive_field = math.prod(shape[:-2])
-    return shape[-2] * receptive_field, shape[-1] * receptive_field
+    return shape[-2] * math.prod(shape[:-2]), shape[-1] * math.prod(shape[:-2])
 
 
 def expected_std(name: str, fan_in: int, fan_out: int, *, columns: int | None = None) -> float:
-    """The std that initializer ``name`` gives a kernel (Keras' ``random_initializers.py``).
-
-    Glorot: √(2 / (fan_in + fan_out)); He: √(2 / fan_in) (normal or uniform alike: Keras
-    rescales its truncated normals to keep the std); gaussian: 0.01; orthogonal:
-    1 / √max(fan_in, columns), with ``columns`` the last axis (defaults to fan_out).
-    """
+    """The std of initializer ``name``: Glorot √(2 / (fan_in + fan_out)), He √(2 / fan_in)
+    (normal and uniform alike), gaussian 0.01, orthogonal 1 / √max(fan_in, columns)."""
     key = _key(name)
     if key == "gaussian":
         return GAUSSIAN_STD
@@ -82,14 +67,14 @@ def uniform_limit(name: str, fan_in: int, fan_out: int) -> float:
     return math.sqrt(3.0) * expected_std(name, fan_in, fan_out)
 
 
+# --------------------------------------------------------------------------- orthonormal kernels
+
+
 def orthonormal_kernel(shape: Sequence[int],
                        rng: np.random.Generator | int | None = None) -> np.ndarray:
-    """An orthonormal channels-last kernel (Saxe et al. 2014), the pre-init of LSUV.
-
-    As Keras' ``Orthogonal``: the (kh*kw*cin, cout) matrix has orthonormal columns (filters), or
-    rows when there are more filters than inputs (conv1: 27 inputs, 96 filters). The Gaussian
-    matrix comes from NumPy, so a seed gives the same kernel on every backend.
-    """
+    """An orthonormal channels-last kernel (Saxe et al. 2014), LSUV's pre-initialization: as
+    Keras' ``Orthogonal``, the (kh*kw*cin, cout) matrix has orthonormal columns, or rows when
+    there are more filters than inputs (conv1: 27 inputs, 96 filters)."""
     shape = tuple(int(d) for d in shape)
     rows, cols = math.prod(shape[:-1]), shape[-1]
     a = np.random.default_rng(rng).standard_normal((max(rows, cols), min(rows, cols)))
@@ -100,11 +85,9 @@ def orthonormal_kernel(shape: Sequence[int],
 
 def seed_orthonormal(shape: Sequence[int],
                      rng: np.random.Generator | int | None = None) -> np.ndarray:
-    """The seed's (and LSUV-keras') ``svd_orthonormal``, kept to show its bug (notebook 03).
-
-    It flattens to ``(shape[0], rest)``: one row per filter for Theano's (cout, cin, kh, kw),
-    but ``kh`` rows for Keras' (kh, kw, cin, cout), so the filters are not orthonormal.
-    """
+    """The seed's (and LSUV-keras') ``svd_orthonormal``, kept to show its bug: it flattens to
+    ``(shape[0], rest)``, one row per filter for Theano's (cout, cin, kh, kw) but ``kh`` rows
+    for Keras' (kh, kw, cin, cout), so the filters are not orthonormal."""
     flat_shape = (shape[0], math.prod(shape[1:]))
     u, _, v = np.linalg.svd(np.random.default_rng(rng).standard_normal(flat_shape),
                             full_matrices=False)
@@ -118,6 +101,9 @@ def orthonormality_error(kernel: np.ndarray, *, equal_norms: bool = False) -> fl
     gram = w.T @ w if w.shape[1] <= w.shape[0] else w @ w.T
     gram = gram / np.mean(np.diag(gram)) if equal_norms else gram
     return float(np.max(np.abs(gram - np.eye(len(gram)))))
+
+
+# --------------------------------------------------------------------------- LSUV
 
 
 def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
@@ -158,8 +144,7 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
 
 
 def _variance(y) -> float:
-    """Var over all values (batch, positions, channels), in float32 (bfloat16 under mixed
-    precision)."""
+    """Var over all values, in float32 (bfloat16 under mixed precision)."""
     return float(keras.ops.convert_to_numpy(keras.ops.var(keras.ops.cast(y, "float32"))))
 
 
@@ -168,7 +153,7 @@ def _chain(model: keras.Model) -> list[keras.layers.Layer]:
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     previous = model.inputs[0] if len(model.inputs) == 1 else None
     for layer in layers:
-        if previous is None or layer.input is not previous:
+        if layer.input is not previous:
             raise ValueError(f"lsuv needs a chain of layers with one input; {model.name!r} "
                              f"branches at layer {layer.name!r}")
         previous = layer.output
@@ -180,31 +165,29 @@ def lsuv_seed_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, t_max:
                       orthonormal: Callable[..., np.ndarray] = seed_orthonormal
                       ) -> dict[str, dict[str, float]]:
     """The seed repository's LSUV (after LSUV-keras), slow by design: it skips layers with fewer
-    than 32 outputs per image, pre-initializes with ``orthonormal`` and builds a new model and
-    calls ``predict`` to measure Var on every iteration. Returns the report of ``lsuv``."""
+    than 32 outputs per image, pre-initializes with ``orthonormal``, and builds a new model and
+    calls ``predict`` to measure Var on every iteration. Returns ``lsuv``'s report."""
     rng = np.random.default_rng(seed)
     report = {}
     for layer in model.layers:
         if not isinstance(layer, LSUV_LAYER_TYPES) or math.prod(layer.output.shape[1:]) < 32:
             continue
+        probe = keras.Model(model.inputs, layer.output)
         layer.kernel.assign(orthonormal(layer.kernel.shape, rng))
-        var = var_before = _rebuilt_variance(model, layer, batch)
+        var = var_before = float(np.var(probe.predict(batch, verbose=0)))
         iterations, scale = 0, 1.0
         while abs(var - 1.0) > tol_var and iterations < t_max and math.sqrt(var) >= 1e-7:
             layer.kernel.assign(layer.kernel / math.sqrt(var))
             scale, iterations = scale / math.sqrt(var), iterations + 1
-            var = _rebuilt_variance(model, layer, batch)
+            probe = keras.Model(model.inputs, layer.output)  # rebuilt, as the seed does
+            var = float(np.var(probe.predict(batch, verbose=0)))
         report[layer.name] = {"var_before": var_before, "var_after": var,
                               "iterations": iterations, "scale": scale}
     return report
 
 
-def _rebuilt_variance(model: keras.Model, layer: keras.layers.Layer, batch) -> float:
-    return float(np.var(keras.Model(model.inputs, layer.output).predict(batch, verbose=0)))
-
-
 def lsuv_table(report: dict[str, dict[str, float]]) -> str:
-    """An aligned text table of an ``lsuv`` report: one line per layer."""
+    """An aligned text table of an ``lsuv`` report, one line per layer."""
     lines = [f"{'layer':8s} {'Var before':>10s} {'Var after':>10s} {'divisions':>9s} "
              f"{'scale':>7s}"]
     lines += [f"{name:8s} {r['var_before']:10.4g} {r['var_after']:10.4f} "
@@ -214,19 +197,12 @@ def lsuv_table(report: dict[str, dict[str, float]]) -> str:
 
 # --------------------------------------------------------------------------- patch whitening
 
-#: Added to the eigenvalues of the 3x3 patch covariance (airbench's value, standardized pixels).
-PATCH_WHITENING_EPSILON = 5e-4
 
-
-def patch_whitening_kernel(images: np.ndarray, kernel_size: int = 3, *,
-                           epsilon: float = PATCH_WHITENING_EPSILON, patches: int = 20_000,
-                           seed: int = 0) -> np.ndarray:
-    """First-conv filters from ZCA fitted on ``patches`` random k x k patches of ``images``.
-
-    Each row of the whitening matrix becomes one filter, followed by its negative (so that a
-    ReLU passes both signs): a (k, k, C, 2 k² C) kernel, 54 filters for 3x3 RGB (Page 2018;
-    Jordan 2024, airbench).
-    """
+def patch_whitening_kernel(images: np.ndarray, kernel_size: int = 3, *, epsilon: float = 5e-4,
+                           patches: int = 20_000, seed: int = 0) -> np.ndarray:
+    """First-conv filters from ZCA fitted on ``patches`` random k x k patches of ``images``
+    (Page 2018; Jordan 2024, airbench; ``epsilon`` theirs): each row of the whitening matrix,
+    then its negative (a ReLU passes both signs), a (k, k, C, 2 k² C) kernel."""
     from allcnn_lib.preprocessing import ZCAWhitening
 
     rng = np.random.default_rng(seed)
@@ -242,8 +218,8 @@ def patch_whitening_kernel(images: np.ndarray, kernel_size: int = 3, *,
 
 
 def whiten_first_conv(model: keras.Model, images: np.ndarray, *, seed: int = 0) -> int:
-    """Set the first filters of the model's first conv to ``patch_whitening_kernel(images)``,
-    scaled to the RMS of its initial kernel; returns the number of filters set."""
+    """Set the first filters of the first conv to ``patch_whitening_kernel(images)``, scaled to
+    the RMS of its initial kernel; returns the number of filters set."""
     conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
     whitening = patch_whitening_kernel(images, kernel.shape[0], seed=seed)

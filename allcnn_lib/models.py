@@ -1,5 +1,5 @@
 """Model-C, Strided-CNN-C and All-CNN-C of Springenberg et al. (2014), "Striving for Simplicity:
-The All Convolutional Net" (Tables 1 and 2, dropout and weight decay of Section 3.1).
+The All Convolutional Net" (Tables 1 and 2; dropout and weight decay of Section 3.1).
 
 =============  ======================  ======================  ======================
  layer          Model-C                 Strided-CNN-C           All-CNN-C
@@ -19,39 +19,30 @@ The All Convolutional Net" (Tables 1 and 2, dropout and weight decay of Section 
  head           global average pooling over 6x6, 10-way softmax (all three)
 =============  ======================  ======================  ======================
 
-Layer names follow All-CNN-C's numbering in every network (Model-C's ``pool1``/``pool2`` stand
-where conv3/conv6 are). Each ``convK`` is a linear ``Conv2D`` followed by ``bnK`` (batch norm
-only) and a ``keras.layers.ReLU`` named ``reluK``, so ``convK``'s output is the pre-activation
-that LSUV normalizes.
+Each ``convK`` is a linear ``Conv2D`` (the pre-activation LSUV normalizes), then ``bnK`` (batch
+norm only) and ``reluK``; Model-C's ``pool1``/``pool2`` stand where conv3/conv6 are.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
 import keras
 
-#: Parameters of the paper-faithful networks (no batch norm), from Tables 1 and 2.
-ARCH_PARAM_COUNTS: dict[str, int] = {"modelc": 954_730, "strided": 954_730, "allcnn": 1_369_738}
+from allcnn_lib.initializers import get_initializer
+from allcnn_lib.runs import ARCHS, MODEL_NAMES, VARIANTS
 
-#: ``"paper"``: Tables 1 and 2. ``"seed"``: the old seed repository, for comparison (no ReLU
-#: after stride-2 convs, conv7 ``same`` so the global average runs over 8x8, no input dropout).
-VARIANTS = ("paper", "seed")
-
-INPUT_DROPOUT_RATE = 0.2  # Section 3.1: on the input image
-HIDDEN_DROPOUT_RATE = 0.5  # Section 3.1: after each (replaced) pooling layer
-
-InitializerLike = str | keras.initializers.Initializer | Callable[..., Any]
+#: Parameters of the paper's networks (no batch norm), from Tables 1 and 2.
+ARCH_PARAM_COUNTS = {"modelc": 954_730, "strided": 954_730, "allcnn": 1_369_738}
 
 
 @keras.saving.register_keras_serializable(package="allcnn")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """``BatchNormalization`` through TensorFlow's fused kernel (``FusedBatchNormV3``) for 4-D
-    channels-last inputs: about 1.35x faster training in mixed_bfloat16 on CPU
-    (docs/performance.md). Same variables and weight files; other backends and shapes use the
-    stock layer. The moving variance takes the unbiased batch variance (Keras': the biased)."""
+    """``BatchNormalization`` through TensorFlow's fused kernel for 4-D channels-last inputs:
+    about 1.35x faster training in mixed_bfloat16 on CPU (docs/performance.md). Same weights;
+    other backends use the stock layer. The moving variance takes the unbiased batch variance
+    (Keras': the biased)."""
 
     def call(self, inputs, training=None, mask=None):
         if keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4 or \
@@ -74,106 +65,83 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return y
 
 
-def _resolve_initializer(initializer: InitializerLike) -> keras.initializers.Initializer:
-    """A name through ``allcnn_lib.initializers.get_initializer``, else Keras'; others as is."""
-    if not isinstance(initializer, str):
-        return initializer
-    from allcnn_lib.initializers import get_initializer  # here: it may import this module
-
-    try:
-        return get_initializer(initializer)
-    except (ValueError, KeyError):
-        return keras.initializers.get(initializer)
-
-
-def _initializer_for_layer(base: InitializerLike, layer_index: int) -> InitializerLike:
-    """A copy of ``base`` seeded ``seed + layer_index``: a Keras 3 initializer with an integer
-    seed draws the same numbers on every call, so one shared instance would start the
-    equal-shaped conv5, conv6, conv7 identical. Other initializers are shared as they are."""
-    seed = getattr(base, "seed", None)
-    if not isinstance(base, keras.initializers.Initializer) or type(seed) is not int:
-        return base
-    layer_initializer = copy.copy(base)
-    layer_initializer.seed = seed + layer_index
-    if type(getattr(base, "_init_seed", None)) is int:  # keeps get_config() truthful
-        layer_initializer._init_seed = seed + layer_index
-    return layer_initializer
+def _layer_initializer(base: Any, index: int) -> Any:
+    """A Keras 3 initializer with an int seed draws the same numbers on every call (unseeded
+    ones pick an int at creation), so each conv gets a copy seeded ``seed + index``."""
+    if isinstance(base, keras.initializers.Initializer) and type(base.seed) is int:
+        return base.from_config({**base.get_config(), "seed": base.seed + index})
+    return base
 
 
 def build_model(arch: str, *, input_shape: tuple[int, int, int] = (32, 32, 3),
                 num_classes: int = 10, variant: str = "paper", batch_norm: bool = False,
-                dropout: bool = True, initializer: InitializerLike = "glorot_uniform",
+                dropout: bool = True, initializer: Any = "glorot_uniform",
                 weight_decay: float | None = 5e-4, name: str | None = None,
                 class_relu: bool = True) -> keras.Model:
-    """Build ``arch`` ("modelc", "strided" or "allcnn"; see the module's table).
+    """Build ``arch`` (``ARCHS``; see the table above) as a chain of layers.
 
-    ``variant``: one of ``VARIANTS``. ``batch_norm``: conv -> batch norm -> ReLU, convs without
-    bias. ``dropout``: the dropout of Section 3.1. ``initializer``: a name, a Keras initializer
-    (copied per layer, convK seeded ``seed + K``) or a callable ``f(shape, dtype)``.
-    ``weight_decay``: Keras ``L2`` on the kernels; Keras' ``l * sum(w**2)`` has gradient
-    ``2 l w``, so 5e-4 is the paper's Caffe weight decay of 1e-3. ``class_relu``: the ReLU on
-    conv9 (Table 1 has it).
+    ``variant="seed"``: the seed repository's deviations (no input dropout, no ReLU after
+    stride-2 convs, conv7 ``same``). ``batch_norm``: conv -> batch norm -> ReLU, no conv bias.
+    ``initializer``: a course name, a Keras initializer or ``f(shape, dtype)``.
+    ``weight_decay``: Keras ``L2`` (gradient ``2 l w``: 5e-4 is the paper's Caffe 1e-3).
+    ``class_relu``: the ReLU on conv9 (Table 1 has it).
     """
-    if arch not in ARCH_PARAM_COUNTS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of "
-                         f"{', '.join(ARCH_PARAM_COUNTS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if weight_decay and weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     paper = variant == "paper"
-    base = _resolve_initializer(initializer)
+    base = get_initializer(initializer) if isinstance(initializer, str) else initializer
     regularizer = keras.regularizers.L2(weight_decay) if weight_decay else None
 
-    def conv(x, index: int, filters: int, size: int = 3, strides: int = 1,
-             padding: str = "same", relu: bool = True):
+    def conv(x, index, filters, size=3, strides=1, padding="same", relu=True):
         x = keras.layers.Conv2D(filters, size, strides=strides, padding=padding,
-                                use_bias=not batch_norm,  # BN's beta takes the bias' place
-                                kernel_initializer=_initializer_for_layer(base, index),
-                                kernel_regularizer=regularizer, name=f"conv{index}")(x)
+                                use_bias=not batch_norm, name=f"conv{index}",
+                                kernel_initializer=_layer_initializer(base, index),
+                                kernel_regularizer=regularizer)(x)
         if batch_norm:
             x = FusedBatchNormalization(name=f"bn{index}")(x)
         return keras.layers.ReLU(name=f"relu{index}")(x) if relu else x
 
     x = inputs = keras.Input(shape=tuple(input_shape), name="image")
     if dropout and paper:
-        x = keras.layers.Dropout(INPUT_DROPOUT_RATE, name="input_dropout")(x)
+        x = keras.layers.Dropout(0.2, name="input_dropout")(x)
     for stage, (first, filters) in enumerate(((1, 96), (4, 192)), start=1):
         x = conv(x, first, filters)
-        if arch == "strided":  # the seed repository had no ReLU after stride-2 convs
+        if arch == "strided":
             x = conv(x, first + 1, filters, strides=2, relu=paper)
         else:
             x = conv(x, first + 1, filters)
             if arch == "allcnn":
                 x = conv(x, first + 2, filters, strides=2, relu=paper)
-            else:  # "same" pooling halves the size exactly (32 -> 16 -> 8), as stride 2 does
+            else:  # "same" pooling halves the side exactly, as stride 2 does
                 x = keras.layers.MaxPooling2D(3, strides=2, padding="same",
                                               name=f"pool{stage}")(x)
         if dropout:
-            x = keras.layers.Dropout(HIDDEN_DROPOUT_RATE, name=f"dropout{stage}")(x)
+            x = keras.layers.Dropout(0.5, name=f"dropout{stage}")(x)
     x = conv(x, 7, 192, padding="valid" if paper else "same")  # 8x8 -> 6x6 in the paper
     x = conv(x, 8, 192, 1)
     x = conv(x, 9, num_classes, 1, relu=class_relu)
     x = keras.layers.GlobalAveragePooling2D(name="global_average_pooling")(x)
-    # float32 softmax keeps probabilities exact under a mixed-precision policy.
+    # a float32 softmax keeps probabilities exact under a mixed-precision policy
     outputs = keras.layers.Activation("softmax", dtype="float32", name="softmax")(x)
-    return keras.Model(inputs, outputs, name=name or ARCHITECTURES[arch].__name__)
+    return keras.Model(inputs, outputs, name=name or MODEL_NAMES[arch])
 
 
 def model_c(**options: Any) -> keras.Model:
-    """Model-C (Table 1; 954,730 parameters). ``options``: see ``build_model``."""
+    """Model-C (Table 1; 954,730 parameters); ``options`` as ``build_model``'s."""
     return build_model("modelc", **options)
 
 
 def strided_cnn_c(**options: Any) -> keras.Model:
-    """Strided-CNN-C (Table 2; 954,730 parameters): Model-C without pooling, conv2 and conv5
-    with stride 2. ``options``: see ``build_model``."""
+    """Strided-CNN-C (Table 2; 954,730 parameters): no pooling, conv2 and conv5 stride 2."""
     return build_model("strided", **options)
 
 
 def all_cnn_c(**options: Any) -> keras.Model:
-    """All-CNN-C (Table 2; 1,369,738 parameters): Model-C with each pooling replaced by a 3x3
-    stride-2 conv (conv3, conv6). ``options``: see ``build_model``."""
+    """All-CNN-C (Table 2; 1,369,738 parameters): each pooling is a 3x3 stride-2 conv."""
     return build_model("allcnn", **options)
 
 

@@ -1,6 +1,5 @@
-"""A notebook's first cell: ``ctx = setup()`` quiets the logs, seeds every generator and sets the
-plot style. ``ALLCNN_QUICK=1`` (``make test``) runs a notebook on the shipped sample with tiny
-budgets (``ctx.budget``); the saved outputs come from the standard run."""
+"""A notebook's first cell: ``ctx = setup()``. ``ALLCNN_QUICK=1`` (``make test``) runs a notebook
+on the shipped sample with tiny budgets (``ctx.budget``); saved outputs are the standard run's."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from allcnn_lib.data import quick_mode
 
 @dataclass(frozen=True)
 class NotebookContext:
-    """The mode a notebook runs in and its seed."""
-
     quick: bool
     seed: int
 
@@ -47,8 +44,8 @@ def silenced_stderr() -> Iterator[None]:
 
 
 def setup(seed: int = 0) -> NotebookContext:
-    """Quiet TensorFlow's start-up (its CUDA probes print from C++, so the import and first op
-    run with stderr silenced), seed Python, NumPy and Keras, and set one plot style."""
+    """Quiet TensorFlow's start-up (its CUDA probe prints from C++), seed Python, NumPy and
+    Keras, and set one plot style."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
@@ -56,8 +53,8 @@ def setup(seed: int = 0) -> NotebookContext:
             import tensorflow as tf
 
             tf.constant(0.0) + 1.0  # the first op probes for CUDA ("failed call to cuInit")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    for name in ("tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import keras
@@ -76,7 +73,7 @@ def setup(seed: int = 0) -> NotebookContext:
 
 
 def machine_summary() -> str:
-    """One line naming the Python, Keras, backend and CPU count, for a notebook's setup cell."""
+    """One line naming the Python, Keras, backend and CPU count."""
     import keras
 
     return (f"Python {platform.python_version()}, Keras {keras.__version__} "

@@ -1,5 +1,5 @@
-"""Training recipes as presets of ``allcnn train --recipe NAME``, and the CPU facts that the
-bfloat16 entry needs. No TensorFlow here: the CLI reads these before anything slow starts."""
+"""The presets of ``allcnn train --recipe NAME`` and the CPU facts their bfloat16 entry needs
+(no TensorFlow here: the CLI reads them before anything slow starts)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-#: ``--recipe fast``: batch norm without dropout, its moving statistics with momentum 0.9
-#: (PyTorch's default; Keras' 0.99 lags an epoch behind the weights at batch 512), Nesterov SGD
-#: with a one-cycle schedule at batch 512 (peak lr 0.4, and L2 2.5e-4 in Keras' convention =
-#: weight decay 5e-4 in PyTorch's: Page 2018's batch, rate and decay), label smoothing 0.2,
-#: translations of up to 4 px with reflected borders and flips, per-channel standardization,
-#: conv1 initialized from ZCA on 3x3 patches, test-time flips and 1 px translations (not the
-#: EMA of the weights, ``--ema``: it cost 1.0 and 1.3 points of validation accuracy in both
-#: seeds of the 5-epoch ablation, results/recipe/full), and mixed_bfloat16 where the CPU has
-#: AVX512_BF16 ("auto"). Explicit flags override each entry; every entry is also a flag of its
-#: own whose default is off (the paper's and the seed's recipes stay as they were).
+#: ``--recipe fast`` (notebook 10): batch norm (moving statistics' momentum 0.9, PyTorch's)
+#: without dropout; Nesterov SGD, one-cycle to lr 0.4 at batch 512, L2 2.5e-4 (Page 2018's
+#: weight decay 5e-4 in Keras' convention); label smoothing 0.2; 4 px reflect-padded shifts and
+#: flips; per-channel standardization; conv1 from patch whitening; test-time flips and 1 px
+#: shifts; mixed_bfloat16 where the CPU has AVX512_BF16. Not the EMA of the weights (``--ema``:
+#: -1.0 and -1.3 points in the ablation, results/recipe/full). Flags given win; every entry is
+#: also a flag of its own, off by default.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {"batch_norm": True, "dropout": False, "optimizer": "sgd", "schedule": "onecycle",
              "learning_rate": 0.4, "batch_size": 512, "weight_decay": 2.5e-4,
              "bn_momentum": 0.9, "label_smoothing": 0.2, "augment": True, "max_shift": 4,
-             "shift_fill": "reflect",
-             "normalize": True, "whiten_init": True, "ema": False, "tta_flip": True,
-             "tta_shift": 1, "mixed_precision": "auto", "epochs": 40},
+             "shift_fill": "reflect", "normalize": True, "whiten_init": True, "ema": False,
+             "tta_flip": True, "tta_shift": 1, "mixed_precision": "auto", "epochs": 40},
 }
 
 

@@ -1,16 +1,7 @@
-"""The run folder ``runs/<id>/``: its file names, its config, atomic writes, CSVs and weights.
-
-``training.train(TrainConfig(...))`` writes::
-
-    config.json        the TrainConfig and what the run found (model, data, steps, status)
-    history.csv        one row per epoch (keras.callbacks.CSVLogger; epochs counted from 0)
-    batches.csv        one row per training batch (``BATCH_COLUMNS``)
-    best.weights.h5    the weights of the epoch with the best validation accuracy
-    last.weights.h5    the weights after the last completed epoch
-    zca.npz / standardizer.npz   the preprocessing fitted on the training split, if any
-
-No TensorFlow here (weights files are read with h5py): the CLI checks flags, folders and files
-with this module before anything slow starts.
+"""The run folder ``runs/<id>/``: file names, choice lists, ``TrainConfig``, atomic writes, CSVs
+and weights files. ``training.train`` writes ``config.json``, ``history.csv`` (CSVLogger),
+``batches.csv``, ``best.weights.h5``, ``last.weights.h5`` and the fitted preprocessing.
+No TensorFlow here: the CLI checks flags, folders and files with it before anything slow starts.
 """
 
 from __future__ import annotations
@@ -45,27 +36,20 @@ STANDARDIZER_FILE = "standardizer.npz"
 BATCH_COLUMNS = ("epoch", "batch", "step", "loss", "accuracy", "epoch_loss", "epoch_accuracy",
                  "learning_rate")
 
-# --------------------------------------------------------------------------- names and defaults
-
-#: ``keras.Model.name`` of each architecture key (``allcnn_lib.models.ARCHITECTURES``).
+#: Architecture key -> ``keras.Model.name`` (``models.build_model``).
 MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
 ARCHS = tuple(MODEL_NAMES)
-VARIANTS = ("paper", "seed")
-#: ``allcnn_lib.initializers.INITIALIZERS`` and LSUV (orthogonal, then Algorithm 1).
+VARIANTS = ("paper", "seed")  # Tables 1 and 2, or the seed repository's deviations
+#: ``initializers.get_initializer``'s names, and LSUV (orthogonal, then Algorithm 1).
 INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
                 "orthogonal", "lsuv")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("paper", "cosine", "constant", "seed", "onecycle")
 DISTRIBUTE = ("none", "mirrored")
 SHIFT_FILLS = ("zero", "reflect")
-#: ``split``: train on the training split, select on the validation split; ``all``: train on all
-#: 50,000 training images (no validation; the checkpoint is the schedule's last epoch).
-TRAIN_ON = ("split", "all")
-#: Default learning rates: the seed's SGD (0.01) and Keras' defaults for RMSprop and Adam.
+TRAIN_ON = ("split", "all")  # all: the 50,000 training images, no validation split
 DEFAULT_LEARNING_RATES = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001}
-#: Largest translation of the augmentation, as a fraction of the image side (3 px of 32).
-MAX_SHIFT = 0.1
-#: The settings that are paths (recorded relative to the project in config.json).
+MAX_SHIFT = 0.1  # largest translation, as a fraction of the image side (3 px of 32)
 PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
 
 
@@ -73,17 +57,9 @@ PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
 class TrainConfig:
     """Everything a training run depends on; saved as the run's ``config.json``.
 
-    ``zca``: the paper's preprocessing (GCN to norm 55, then ZCA with ``zca_epsilon``), fitted
-    on the training split; ``normalize``: per-channel standardization instead (not both).
-    ``init="lsuv"`` starts from orthogonal weights and applies LSUV on one training batch.
-    ``learning_rate=None`` takes ``DEFAULT_LEARNING_RATES``. ``steps_per_epoch``: an epoch is
-    that many batches of an endless reshuffled stream (``None``: one pass). ``limit``: a
-    class-balanced subset. ``backup_dir=None``: ``default_backup_dir(run_id)``. ``verbose=None``:
-    Keras' progress bar on a terminal, one line per epoch otherwise. ``initial_weights``: start
-    from a ``.weights.h5`` file (the seed's ``-retrain``). The fast recipe's switches
-    (``RECIPES``): ``class_relu``, ``bn_momentum``, ``max_shift``/``shift_fill``,
-    ``whiten_init``, ``ema``, ``train_on``, ``tta_flip``/``tta_shift`` (test-time augmentation
-    of the final validation), ``recipe`` (the preset's name, for the record).
+    ``None`` means a default: ``learning_rate`` from ``DEFAULT_LEARNING_RATES``,
+    ``steps_per_epoch`` one pass, ``limit`` all images, ``backup_dir`` under ~/.cache/allcnn,
+    ``verbose`` a progress bar on a terminal. ``recipe`` names the preset (``RECIPES``).
     """
 
     run_id: str | None = None
@@ -152,7 +128,8 @@ class TrainConfig:
         return Path(self.runs_dir) / str(self.run_id)
 
     def resolved_backup_dir(self) -> Path:
-        return Path(self.backup_dir) if self.backup_dir else default_backup_dir(self.run_id)
+        """``backup_dir``, else ``~/.cache/allcnn/backup/<run id>``."""
+        return Path(self.backup_dir or Path.home() / ".cache/allcnn/backup" / str(self.run_id))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,8 +139,7 @@ class TrainConfig:
         d = self.to_dict()
         for volatile in ("verbose", "backup_dir", "runs_dir", "data_dir", "initial_weights"):
             d.pop(volatile)
-        d["run_dir"] = str(self.run_dir.resolve())
-        return d
+        return {**d, "run_dir": str(self.run_dir.resolve())}
 
 
 #: The settings that choose the network, with ``TrainConfig``'s defaults.
@@ -171,17 +147,11 @@ NETWORK_DEFAULTS = {name: getattr(TrainConfig, name)
                     for name in ("arch", "variant", "batch_norm", "dropout", "class_relu")}
 
 
-def default_backup_dir(run_id: str | None) -> Path:
-    """Where a run's ``BackupAndRestore`` state goes unless ``--backup-dir`` says otherwise."""
-    return Path.home() / ".cache" / "allcnn" / "backup" / str(run_id)
-
-
 def load_run_config(run_dir_or_file: str | os.PathLike,
                     fix: str = "restore it, or move it away and give the network's flags "
                                "(--arch, --bn, --dropout)") -> dict[str, Any] | None:
-    """The ``config.json`` of a run folder, or the one beside a weights file (None if none).
-
-    A damaged one is a one-line ``ValueError`` that names the file, the problem and ``fix``."""
+    """The ``config.json`` of a run folder or beside a weights file; None if there is none.
+    A damaged one is a one-line ``ValueError`` naming the file, the problem and ``fix``."""
     p = Path(run_dir_or_file)
     path = p / CONFIG_JSON if p.is_dir() else p.parent / CONFIG_JSON
     if not path.is_file():
@@ -203,16 +173,14 @@ def load_run_config(run_dir_or_file: str | os.PathLike,
 
 # --------------------------------------------------------------------------- atomic files
 
-#: Free space ``atomic_path`` keeps in reserve beyond a file's expected size (CSV rows, config).
-SPACE_MARGIN = 1 << 20
+SPACE_MARGIN = 1 << 20  # free space kept beyond a file's expected size
 TMP_MARK = ".tmp-"
 
 
 class DiskFullError(OSError):
-    """No space left on the device for a file; the previous version of the file is kept."""
+    """No space left for a file; the previous version of the file is kept (one-line message)."""
 
     def __init__(self, path: str | os.PathLike, needed: int | None, free: int | None) -> None:
-        self.path = Path(path)
         need = f"needs about {needed / 1e6:.1f} MB, " if needed else ""
         have = f"{free / 1e6:.1f} MB free" if free is not None else "the disk is full"
         super().__init__(errno.ENOSPC, f"no space left on device for {path} ({need}{have}); "
@@ -223,15 +191,6 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
-def free_bytes(folder: str | os.PathLike) -> int | None:
-    """Free bytes on the device that holds ``folder`` (its nearest existing parent)."""
-    folder = nearest_existing(Path(folder).absolute())
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
 def nearest_existing(path: Path) -> Path:
     """``path`` or its nearest parent that exists."""
     while not path.exists() and path.parent != path:
@@ -239,61 +198,58 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """True for an ENOSPC failure, also as HDF5 reports it (a RuntimeError naming errno 28)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    return isinstance(err, (OSError, RuntimeError)) and (
-        "No space left on device" in str(err) or "errno = 28" in str(err))
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the device that holds ``folder`` (or its nearest existing parent)."""
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(nearest_existing(Path(folder).absolute())).free
+    return None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
-    """A temporary path beside ``path``; once written it is fsynced and moved onto ``path``.
-
-    ``os.replace`` within one folder is atomic: readers see the old file or the new one, never
-    half of one. If the body raises, or writes nothing, ``path`` is left as it was. A full disk
-    is ``DiskFullError``: at once when ``size_hint`` bytes (plus ``SPACE_MARGIN``) are not
-    free, else when a write fails with ENOSPC; the half-written file is then cut to nothing
-    first, so that HDF5 closes it cleanly (left full, its clean-up segfaulted at exit).
-    """
+    """A temporary path beside ``path``, fsynced and moved onto it (``os.replace``) once
+    written: readers see the old file or the new one. If the body raises or writes nothing,
+    ``path`` stays. ``DiskFullError`` before writing when ``size_hint`` bytes will not fit, or
+    when a write fails with ENOSPC (the temporary is then emptied first: HDF5 segfaulted at
+    exit closing a full one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if size_hint is not None:
-        free = free_bytes(path.parent)
-        if free is not None and free < size_hint + SPACE_MARGIN:
-            raise DiskFullError(path, size_hint + SPACE_MARGIN, free)
+    free = free_bytes(path.parent) if size_hint is not None else None
+    if free is not None and free < size_hint + SPACE_MARGIN:
+        raise DiskFullError(path, size_hint + SPACE_MARGIN, free)
     suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
     tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}{suffix}")
-    full: DiskFullError | None = None
+    full = None
     try:
         yield tmp
         if tmp.exists():
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, DiskFullError) or not is_disk_full(err):
+    except (OSError, RuntimeError) as err:  # HDF5 reports ENOSPC as "errno = 28"
+        if isinstance(err, DiskFullError) or not (
+                getattr(err, "errno", None) == errno.ENOSPC or "errno = 28" in str(err)
+                or "No space left on device" in str(err)):
             raise
         with contextlib.suppress(OSError):
-            os.truncate(tmp, 0)  # while HDF5's objects still live (they are in err's frames)
+            os.truncate(tmp, 0)  # while HDF5's objects still live (in err's frames)
         full = DiskFullError(path, size_hint or (path.stat().st_size if path.is_file() else None),
                              free_bytes(path.parent))
     finally:
         tmp.unlink(missing_ok=True)
-    if full is not None:  # raised here, once err and its frames are gone
-        gc.collect()  # HDF5 closes its half-written file now, into the space just freed
+    if full is not None:  # raised once err and its frames are gone
+        gc.collect()  # HDF5 closes its half-written file now
         raise full
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    """Write ``text`` to ``path`` atomically (``atomic_path``)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files ``atomic_path`` left behind in ``folder`` (after a SIGKILL)."""
+    """Delete the temporaries ``atomic_path`` left in ``folder`` (after a SIGKILL)."""
     found = list(Path(folder).glob(f".*{TMP_MARK}*")) if Path(folder).is_dir() else []
     for p in found:
         p.unlink(missing_ok=True)
@@ -303,26 +259,25 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------- CSV files
 
 
+def _float(value: str | None) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def read_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A CSV file with a header (``history.csv``, ``batches.csv``) as float columns (NaN where
-    a value is not a number; ``{}`` when the file is absent)."""
+    """A CSV file with a header as float columns (NaN where not a number; {} if absent)."""
     if not Path(path).is_file():
         return {}
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    columns: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            try:
-                columns.setdefault(key, []).append(float(value))
-            except (TypeError, ValueError):
-                columns.setdefault(key, []).append(math.nan)
-    return {k: np.asarray(v, float) for k, v in columns.items()}
+    return {k: np.array([_float(r.get(k)) for r in rows]) for k in rows[0] if k} if rows else {}
 
 
 def truncate_csv(path: str | os.PathLike, epochs: int) -> int:
-    """Keep only well-formed rows with ``epoch < epochs`` (a fresh run, ``epochs=0``, removes
-    the file); returns the rows kept. A resumed run then writes every later epoch once."""
+    """Keep the well-formed rows with ``epoch < epochs`` (``epochs=0`` removes the file), so
+    that a resumed run writes every later epoch once; returns the rows kept."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -333,8 +288,8 @@ def truncate_csv(path: str | os.PathLike, epochs: int) -> int:
         rows = list(csv.reader(fh))
     if not rows:
         return 0
-    header = rows[0]
-    keep = [r for r in rows[1:] if len(r) == len(header) and r[0].lstrip("-").isdigit()
+    header, *rows = rows
+    keep = [r for r in rows if len(r) == len(header) and r[0].lstrip("-").isdigit()
             and int(r[0]) < epochs]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows([header, *keep])
@@ -342,14 +297,13 @@ def truncate_csv(path: str | os.PathLike, epochs: int) -> int:
 
 
 def best_epoch(history: dict[str, np.ndarray]) -> tuple[int | None, float | None]:
-    """The epoch (from 0) with the best validation accuracy among those with finite losses (a
-    diverged epoch was never saved) and that accuracy; (None, None) when there is none."""
+    """The epoch (from 0) with the best validation accuracy and a finite loss (a diverged
+    epoch was never saved), and that accuracy; (None, None) when there is none."""
     acc = np.array(history.get("val_accuracy", []), float)
     for key in ("loss", "val_loss"):
-        values = history.get(key, np.array([]))
-        if len(values) == len(acc):
+        if len(values := np.asarray(history.get(key, []), float)) == len(acc):
             acc[~np.isfinite(values)] = np.nan
-    if not len(acc) or np.isnan(acc).all():
+    if np.isnan(acc).all():
         return None, None
     i = int(np.nanargmax(acc))
     return int(history["epoch"][i]), float(acc[i])
@@ -364,12 +318,12 @@ class WeightsMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class WeightsSummary:
-    """What a Keras 3 ``.weights.h5`` file holds: the model's name and each layer's shapes."""
+    """A Keras 3 ``.weights.h5`` file's (or a model's) name and each layer's weight shapes."""
 
     path: Path
     model_name: str | None
     layers: dict[str, tuple[tuple[int, ...], ...]]  # layers with weights: name -> shapes
-    layer_names: frozenset[str]  # every layer recorded, weightless ones too
+    layer_names: frozenset[str]  # every layer, weightless ones too
 
     @property
     def params(self) -> int:
@@ -377,7 +331,6 @@ class WeightsSummary:
 
     @property
     def arch(self) -> str | None:
-        """The architecture key (``ARCHS``) of the model, if it is one of the course's."""
         return next((k for k, v in MODEL_NAMES.items() if v == self.model_name), None)
 
     @property
@@ -390,73 +343,62 @@ class WeightsSummary:
         return f"{self.model_name or 'an unnamed model'}{bn}{params}"
 
 
+def _saved_layers(f: Any) -> dict[str, Any]:
+    """Layer name -> its ``vars`` group in an open ``.weights.h5`` file."""
+    groups = f.get("layers") or {}
+    return {str(g["vars"].attrs.get("name", key)): g["vars"]
+            for key, g in groups.items() if "vars" in g}
+
+
 def read_weights_summary(path: str | os.PathLike) -> WeightsSummary:
     """Inspect a ``.weights.h5`` file written by ``model.save_weights`` (h5py; no model)."""
     import h5py
 
     path = Path(path)
-    layers: dict[str, tuple[tuple[int, ...], ...]] = {}
-    names: set[str] = set()
     try:
         with h5py.File(path, "r") as f:
-            root = f.get("vars")
-            model_name = root.attrs.get("name") if root is not None else None
-            group = f.get("layers")
-            for key in group if group is not None else ():
-                found = group[key].get("vars")
-                if found is None:
-                    continue
-                name = str(found.attrs.get("name", key))
-                names.add(name)
-                shapes = tuple(tuple(found[k].shape) for k in sorted(found, key=int))
-                if shapes:
-                    layers[name] = shapes
+            name = f["vars"].attrs.get("name") if "vars" in f else None
+            found = _saved_layers(f)
+            layers = {n: tuple(tuple(g[k].shape) for k in sorted(g, key=int))
+                      for n, g in found.items()}
     except (OSError, KeyError, ValueError) as err:
         raise WeightsMismatchError(f"{path}: not a readable Keras .weights.h5 file "
                                    f"({type(err).__name__}: {err})") from None
-    if isinstance(model_name, bytes):
-        model_name = model_name.decode()
-    return WeightsSummary(path, model_name and str(model_name), layers, frozenset(names))
+    name = name.decode() if isinstance(name, bytes) else name
+    return WeightsSummary(path, name and str(name), {n: s for n, s in layers.items() if s},
+                          frozenset(layers))
 
 
 def model_summary(model: Any) -> WeightsSummary:
-    """The same summary as ``read_weights_summary`` for a built ``keras.Model``."""
+    """The ``WeightsSummary`` of a built ``keras.Model``."""
     layers = {layer.name: tuple(tuple(int(d) for d in w.shape) for w in layer.weights)
               for layer in model.layers if layer.weights}
     return WeightsSummary(Path(), model.name, layers, frozenset(la.name for la in model.layers))
 
 
 def check_weights(saved: WeightsSummary, want: WeightsSummary) -> None:
-    """Raise ``WeightsMismatchError`` unless ``saved`` fits ``want``: one line naming both
-    networks and the flag that fixes it, e.g. ``best.weights.h5 holds weights for
-    strided_cnn_c (954,730 params) but the model is all_cnn_c (1,369,738 params); pass --arch
-    strided``. Model-C and Strided-CNN-C have identically shaped weights, so the model names
-    are compared too (a summary without layers is compared by name only)."""
+    """``WeightsMismatchError`` unless ``saved`` fits ``want``, in one line naming both and the
+    flag that fixes it. Model-C and Strided-CNN-C have the same shapes, so names are compared
+    too (a summary without layers by name only)."""
     same_name = saved.model_name in (None, want.model_name)
     if same_name and (saved.layers == want.layers or not want.layers):
         return
-    flags = []
-    if not same_name and saved.arch:
-        flags.append(f"--arch {saved.arch}")
+    flags = [f"--arch {saved.arch}"] if not same_name and saved.arch else []
     if want.layers and saved.batch_norm != want.batch_norm:
         flags.append("--bn 1" if saved.batch_norm else "--bn 0")
-    if flags:
-        fix = f"pass {' '.join(flags)}"
-    else:
-        differ = sorted(set(saved.layers) ^ set(want.layers)) or sorted(
-            n for n in saved.layers if saved.layers[n] != want.layers.get(n))
-        fix = f"the layers {', '.join(differ[:4])} differ"
+    differ = sorted(set(saved.layers) ^ set(want.layers)) or sorted(
+        n for n in saved.layers if saved.layers[n] != want.layers.get(n))
+    fix = f"pass {' '.join(flags)}" if flags else f"the layers {', '.join(differ[:4])} differ"
     raise WeightsMismatchError(f"{saved.path.name} holds weights for {saved} but the model is "
                                f"{want}; {fix}")
 
 
 def load_weights(model: Any, path: str | os.PathLike) -> Any:
-    """``model.load_weights(path)`` after ``check_weights``; a missing file is one clear error.
+    """``model.load_weights(path)`` after ``check_weights``. Keras files layers under their
+    class name, so stock ``BatchNormalization`` weights and ``FusedBatchNormalization`` ones
+    do not load into each other: those are set layer by layer from the recorded names."""
+    import h5py
 
-    Keras files each layer under its *class* name, so weights saved from stock
-    ``BatchNormalization`` layers do not load into the course's ``FusedBatchNormalization`` (or
-    back): they are then set layer by layer from the names the file records.
-    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
@@ -466,13 +408,10 @@ def load_weights(model: Any, path: str | os.PathLike) -> Any:
             warnings.simplefilter("ignore")
             model.load_weights(path)
     except ValueError:
-        import h5py
-
         with h5py.File(path, "r") as f:
-            saved = {str(g["vars"].attrs["name"]): g["vars"] for g in f["layers"].values()
-                     if "vars" in g}
+            saved = _saved_layers(f)
             for layer in model.layers:
                 if layer.weights:
-                    found = saved[layer.name]
-                    layer.set_weights([found[str(i)][()] for i in range(len(found))])
+                    g = saved[layer.name]
+                    layer.set_weights([g[str(i)][()] for i in range(len(g))])
     return model

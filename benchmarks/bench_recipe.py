@@ -7,10 +7,11 @@ intra- and inter-op pools, ``torch.set_num_threads``, ``OMP_NUM_THREADS``), each
 newly built model:
 
 - ``recipe``: what ``allcnn train --recipe fast`` trains: ``build_model("allcnn",
-  batch_norm=True, dropout=False, weight_decay=5e-4)`` (``FusedBatchNormalization``) under
+  batch_norm=True, dropout=False, weight_decay=...)`` with the recipe's L2 (2.5e-4;
+  ``FusedBatchNormalization``) under
   ``mixed_bfloat16`` where the CPU has AVX512_BF16 or AMX (float32 elsewhere), compiled with
-  the recipe's optimizer (SGD Nesterov, one-cycle lr 0.4, EMA of the weights) and loss (label
-  smoothing 0.2), fed by ``make_dataset(training=True, augment=True)`` with per-channel
+  the recipe's optimizer (SGD Nesterov, one-cycle lr 0.4, the preset's EMA setting) and loss
+  (label smoothing 0.2), fed by ``make_dataset(training=True, augment=True)`` with per-channel
   standardization, 4 px reflect-padded shifts, flips and one-hot labels, through
   ``model.fit``. Images/s is the median of the per-batch times (callbacks) after the warm-up;
   ``pipeline`` is the same ``make_dataset`` alone (``next()`` on its iterator).
@@ -20,7 +21,7 @@ newly built model:
 - ``torch-loop``: the same network by hand in PyTorch: nine convs without bias, each followed
   by ``BatchNorm2d`` and ReLU, conv7 ``valid``, global average pooling; ``channels_last``,
   ``torch.autocast("cpu", torch.bfloat16)`` (float32 where the Keras path is float32), SGD
-  Nesterov momentum 0.9, weight decay 1e-3 on the conv kernels only (Keras' L2 5e-4), label
+  Nesterov momentum 0.9, weight decay 2 x the recipe's L2 on the conv kernels only, label
   smoothing 0.2, one standardized batch held in memory (the bare step; no EMA).
 - ``torch-compile``: the same loop through ``torch.compile`` (its first step, compilation
   included, is ``compile_s``); an exception is recorded as the row's ``error``.
@@ -311,26 +312,11 @@ class _Marks:
 
 
 def _library_callbacks(folder: Path) -> list:
-    """The callbacks ``allcnn_lib.training.train`` gives ``fit`` (not on a terminal), writing
-    into ``folder``."""
-    import keras
+    """The callbacks ``allcnn_lib.training.train`` gives ``fit`` (not on a terminal, no epoch
+    line), writing into ``folder``."""
+    from allcnn_lib.training import run_callbacks
 
-    from allcnn_lib import training as t
-
-    # The checkpoint guard (no NaN checkpoint, nothing onto a full disk) where the library
-    # has one.
-    guard = {"guard": t.CheckpointGuard()} if hasattr(t, "CheckpointGuard") else {}
-    return [t.EpochInfo(), keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.CSVLogger(str(folder / t.HISTORY_CSV), append=True),
-            t.BatchCSVLogger(folder / t.BATCHES_CSV),
-            t.AtomicModelCheckpoint(str(folder / t.BEST_WEIGHTS), monitor="val_accuracy",
-                                    mode="max", save_best_only=True, save_weights_only=True,
-                                    initial_value_threshold=None, **guard),
-            t.AtomicModelCheckpoint(str(folder / t.LAST_WEIGHTS), save_weights_only=True,
-                                    **guard),
-            t.EpochLogger(stream=sys.stderr),
-            t.AtomicBackupAndRestore(str(folder / "backup"), save_freq="epoch",
-                                     delete_checkpoint=False, **guard)]
+    return run_callbacks(folder, folder / "backup", verbose=True)
 
 
 def _epoch_child(batch: int, images: int, val_images: int, threads: int, policy: str

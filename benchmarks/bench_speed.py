@@ -100,10 +100,11 @@ def _keras_child(impl: str, mode: str, batch: int, steps: int, warmup: int) -> d
                       callbacks=[timer], verbose=0)
             times = timer.times[warmup:]
         else:
-            from allcnn_lib.preprocessing import random_shift_flip
+            from allcnn_lib.preprocessing import tf_shift_flip
 
             rng = np.random.default_rng(0)
-            xb = random_shift_flip(x[:batch], rng, 3).astype("float32") / 255
+            xb = tf_shift_flip(x[:batch], *rng.integers(-3, 4, (2, batch)),
+                               rng.random(batch) < 0.5).numpy().astype("float32") / 255
             yb = y[:batch]
             times = step_times(lambda: model.train_on_batch(xb, yb), steps, warmup)
     else:

@@ -66,11 +66,13 @@ def _no_env(monkeypatch):
 
 
 @pytest.fixture
-def empty_data_dir(tmp_path) -> Path:
-    """A data/ folder holding only the shipped sample (as on a user's fresh clone offline)."""
+def empty_data_dir(tmp_path, monkeypatch) -> Path:
+    """data/ holding only the shipped sample (a fresh clone), offline (downloads fail)."""
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / D.SAMPLE_NAME).write_bytes((D.DEFAULT_DATA_DIR / D.SAMPLE_NAME).read_bytes())
+    monkeypatch.setattr(D, "DEFAULT_DATA_DIR", folder)
+    monkeypatch.setattr(D, "_fetch", no_network)
     return folder
 
 
@@ -138,18 +140,18 @@ def test_search_order_env_then_data_dir(tmp_path, monkeypatch, empty_data_dir):
     make_batches_dir(env_root, n=10)
     make_batches_dir(empty_data_dir, n=20)
     monkeypatch.setenv("CIFAR10_DIR", str(env_root))
-    assert len(load_cifar10(data_dir=empty_data_dir, validation_size=0).y_test) == 10
+    assert len(load_cifar10(validation_size=0).y_test) == 10
     monkeypatch.delenv("CIFAR10_DIR")
-    assert len(load_cifar10(data_dir=empty_data_dir, validation_size=0).y_test) == 20
+    assert len(load_cifar10(validation_size=0).y_test) == 20
     # an explicit path beats both
     explicit = make_batches_dir(tmp_path / "explicit", n=30)
-    assert len(load_cifar10(explicit, data_dir=empty_data_dir, validation_size=0).y_test) == 30
+    assert len(load_cifar10(explicit, validation_size=0).y_test) == 30
 
 
 def test_data_dir_archive_used_when_no_folder(tmp_path, empty_data_dir, monkeypatch):
     archive = trust(make_archive(tmp_path), monkeypatch)
     archive.rename(empty_data_dir / D.ARCHIVE_NAME)
-    d = load_cifar10(data_dir=empty_data_dir, validation_size=10, downloader=no_network)
+    d = load_cifar10(validation_size=10)
     assert d.source.endswith(D.ARCHIVE_NAME) and len(d.y_test) == 20
 
 
@@ -162,51 +164,37 @@ def test_download_is_atomic_and_md5_checked(tmp_path, empty_data_dir, monkeypatc
         target.write_bytes(archive.read_bytes())
         return target
 
-    d = load_cifar10(data_dir=empty_data_dir, validation_size=10, downloader=fake_download)
+    monkeypatch.setattr(D, "_fetch", fake_download)
+    d = load_cifar10(validation_size=10)
     assert d.source == str(empty_data_dir / D.ARCHIVE_NAME)
     assert sorted(p.name for p in empty_data_dir.iterdir()) == [D.ARCHIVE_NAME, D.SAMPLE_NAME]
 
 
-def test_download_with_wrong_md5_leaves_nothing(tmp_path, empty_data_dir):
-    def corrupt_download(directory: Path) -> Path:
-        target = directory / D.ARCHIVE_NAME
-        target.write_bytes(b"not the archive")
-        return target
-
-    with pytest.raises(CIFAR10Error, match=r"md5 is .* expected c58f30108f718f92721af3b95e74349a"):
-        load_cifar10(data_dir=empty_data_dir, downloader=corrupt_download, allow_sample=False)
-    assert [p.name for p in empty_data_dir.iterdir()] == [D.SAMPLE_NAME]
+def corrupt_download(directory: Path) -> Path:
+    (directory / D.ARCHIVE_NAME).write_bytes(b"not the archive")
+    return directory / D.ARCHIVE_NAME
 
 
-def test_download_interrupted_leaves_nothing(empty_data_dir):
-    def interrupted(directory: Path) -> Path:
-        (directory / D.ARCHIVE_NAME).write_bytes(b"half")
-        raise ConnectionResetError("connection reset by peer")
-
-    with pytest.raises(CIFAR10Error, match="download failed"):
-        load_cifar10(data_dir=empty_data_dir, downloader=interrupted, allow_sample=False)
-    assert [p.name for p in empty_data_dir.iterdir()] == [D.SAMPLE_NAME]
+def interrupted(directory: Path) -> Path:
+    (directory / D.ARCHIVE_NAME).write_bytes(b"half")
+    raise ConnectionResetError("connection reset by peer")
 
 
-def test_no_network_falls_back_to_sample_with_one_line_notice(empty_data_dir, capsys):
-    d = load_cifar10(data_dir=empty_data_dir, downloader=no_network)
+@pytest.mark.parametrize("fetch, why", [
+    (no_network, "download failed (OSError: [Errno -3] Temporary failure"),
+    (interrupted, "download failed (ConnectionResetError: connection reset by peer)"),
+    (corrupt_download, "md5 is faad6fe8d15940921af14a21e4af226d, expected c58f30108f718f9"),
+])
+def test_failed_download_leaves_nothing_and_falls_back_to_sample(
+        empty_data_dir, monkeypatch, capsys, fetch, why):
+    monkeypatch.setattr(D, "_fetch", fetch)
+    d = load_cifar10()
+    assert [p.name for p in empty_data_dir.iterdir()] == [D.SAMPLE_NAME]  # no half download
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Notice:") and "sample" in err[0]
-    assert "CIFAR10_DIR" in err[0]
+    assert why in err[0] and "CIFAR10_DIR" in err[0]
     assert err[0].lower().count("full set") == 1  # it said so twice
     assert d.is_sample and len(d.y_train) + len(d.y_val) == 2000 and len(d.y_test) == 1000
-
-
-def test_no_network_without_sample_fallback_is_a_clear_error(empty_data_dir):
-    with pytest.raises(CIFAR10Error) as info:
-        load_cifar10(data_dir=empty_data_dir, downloader=no_network, allow_sample=False)
-    message = str(info.value)
-    assert "download failed" in message and "Fix:" in message and "\n" not in message
-
-
-def test_download_off_and_nothing_found(empty_data_dir):
-    with pytest.raises(CIFAR10Error, match="download is off"):
-        load_cifar10(data_dir=empty_data_dir, download=False, allow_sample=False)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -232,7 +220,7 @@ def _halve(path: Path) -> None:
     (lambda f: _halve(f / "data_batch_2"), r"data_batch_2: not a readable CIFAR-10 batch"),
     (lambda f: (f / D.TEST_BATCH).write_bytes(b"\x00garbage" * 100), r"test_batch: not a readable"),
     (lambda f: (f / "data_batch_4").write_bytes(pickle.dumps({b"images": []})),
-     "no 'data' or 'labels'"),
+     r"data_batch_4: not a readable CIFAR-10 batch \(KeyError: 'data'\)"),
     (lambda f: write_batch(f / "data_batch_1", np.zeros((10, 3000), np.uint8), list(range(10))),
      r"'data' has shape \(10, 3000\)"),
     (lambda f: write_batch(f / "data_batch_1", np.zeros((10, 3072), np.float32),
@@ -271,12 +259,13 @@ def test_corrupt_sample_is_caught_by_md5(empty_data_dir):
     raw[1000] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(CIFAR10Error, match=r"md5 is .*git checkout data/cifar10_sample.npz"):
-        load_cifar10(data_dir=empty_data_dir, sample=True)
+        load_cifar10(sample=True)
 
 
-def test_missing_sample(tmp_path):
+def test_missing_sample(empty_data_dir):
+    (empty_data_dir / D.SAMPLE_NAME).unlink()
     with pytest.raises(CIFAR10Error, match="shipped sample is missing"):
-        load_cifar10(data_dir=tmp_path, sample=True)
+        load_cifar10()
 
 
 def test_no_data_notice_comes_fast_alone_and_without_tensorflow(empty_data_dir):
@@ -285,10 +274,12 @@ def test_no_data_notice_comes_fast_alone_and_without_tensorflow(empty_data_dir):
     download attempt."""
     script = (
         "import sys, time\n"
+        "from pathlib import Path\n"
         "from allcnn_lib import data\n"
         "data.CIFAR10_URL = 'http://127.0.0.1:9/cifar-10-python.tar.gz'  # refused at once\n"
+        f"data.DEFAULT_DATA_DIR = Path({str(empty_data_dir)!r})\n"
         "start = time.perf_counter()\n"
-        f"d = data.load_cifar10(data_dir={str(empty_data_dir)!r})\n"
+        "d = data.load_cifar10()\n"
         "print(d.is_sample, 'tensorflow' in sys.modules, 'keras' in sys.modules,\n"
         "      round(time.perf_counter() - start, 1))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("ALLCNN_QUICK", "CIFAR10_DIR")}
@@ -341,8 +332,8 @@ def test_archive_with_the_official_name_must_be_the_official_one(tmp_path, monke
 
 def test_verify_data_accepts_a_known_copy(known_copy):
     report = D.verify_data(known_copy)
-    assert report.ok and report.problems == []
-    assert {b.match for b in report.batches} == {"tiny copy"}
+    assert report.problems == []
+    assert {row[3] for row in report.batches} == {"tiny copy"}
     text = "\n".join(report.lines())
     assert "data_batch_1" in text and "test: 20 images, per class 2 to 2" in text
 
@@ -365,16 +356,15 @@ def test_verify_data_finds_labels_out_of_balance(tmp_path):
     assert any("neither the official release nor a copy" in n for n in report.notes)
 
 
-def test_verify_data_without_data_is_a_clear_error(tmp_path):
+def test_verify_data_without_data_is_a_clear_error(empty_data_dir):
     with pytest.raises(CIFAR10Error, match="no CIFAR-10 here"):
-        D.verify_data(data_dir=tmp_path)
+        D.verify_data()
 
 
 def test_verify_data_on_the_full_set(full_cifar10_dir):
     report = D.verify_data(full_cifar10_dir)
-    assert report.ok, report.problems
-    assert len({b.match for b in report.batches}) == 1 and None not in {
-        b.match for b in report.batches}
+    assert report.problems == []
+    assert len(matches := {row[3] for row in report.batches}) == 1 and None not in matches
 
 
 # --------------------------------------------------------------------------- splits

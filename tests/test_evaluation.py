@@ -64,7 +64,7 @@ def test_evaluate_scores_a_known_model(cifar_sample):
         assert result.per_class_accuracy[c] == pytest.approx(np.mean(expected[mask] == c))
     p_true = np.where(expected == y, 0.91, 0.01)
     assert result.loss == pytest.approx(np.mean(-np.log(p_true)), rel=1e-5)
-    assert "airplane" in result.summary()
+    assert "airplane" in result.per_class_table()
     assert json.dumps(result.to_dict())
 
 

@@ -1,18 +1,14 @@
 """Faults end to end (issue 20): every failure is one clear line, and no run or checkpoint is
-ever lost or poisoned.
-
-Real ``allcnn`` processes on 90 training and 10 validation images of the shipped sample
-(Strided-CNN-C, batch 32, 2 epochs of 2 batches): a run that diverges (NaN), output folders that
-cannot be written, a full disk (a small tmpfs where one can be mounted, else a simulated
-device), Ctrl-C, ``kill -9`` and the same command again, and a finished run asked to train
-again. A run resumed after any of these must reproduce the uninterrupted one to the last digit.
-Checks that need no TensorFlow run in a process where importing it fails
-(``no_tensorflow_env``), so they provably run first.
+ever lost or poisoned. Real ``allcnn`` processes on 90 training and 10 validation images
+(Strided-CNN-C, batch 32, 2 epochs of 2 batches): a diverging run (NaN), unwritable output
+folders, a full disk (a small tmpfs where one can be mounted, else a simulated one), Ctrl-C,
+``kill -9``, a finished run asked to train again. A resumed run must reproduce the
+uninterrupted one to the last digit. Checks that need no TensorFlow run in a process where
+importing it fails (``no_tensorflow_env``), so they provably run first.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
 import json
@@ -28,21 +24,16 @@ from pathlib import Path
 import pytest
 from test_cli import _env, run_cli
 from test_cli import assert_one_line_error as one_line_error
+from test_cli import read_rows as rows
 from test_cli import run_without_tensorflow as allcnn_process
+from test_cli import train_args as cli_train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT, BATCH, EPOCHS = 100, 32, 2
 
 
 def train_args(run_id: str, root: Path, *extra: object, epochs: int = EPOCHS) -> list[str]:
-    return ["train", "-id", run_id, "--arch", "strided", "-epochs", str(epochs), "-batchsize",
-            str(BATCH), "--limit", str(LIMIT), "--seed", "1", "--runs-dir", str(root / "runs"),
-            "--backup-dir", str(root / "backup" / run_id), *map(str, extra)]
-
-
-def rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return cli_train_args(run_id, root, *extra, epochs=epochs, limit=LIMIT)
 
 
 def status(run_dir: Path) -> str:
@@ -65,8 +56,8 @@ def assert_same_numbers(run_dir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
-    """A run that diverges (``--lr 1e6``), started in the background: it overlaps the
-    reference run; ``test_diverging_run_...`` collects it."""
+    """A run that diverges (``--lr 1e6``), started in the background (overlapping the
+    reference run); ``test_diverging_run_...`` collects it."""
     root = tmp_path_factory.mktemp("nan")
     proc = subprocess.Popen(
         [sys.executable, "-m", "allcnn_lib", *train_args("nan", root, "--lr", "1e6", epochs=3)],
@@ -171,8 +162,7 @@ def test_diverging_run_never_writes_a_nan_checkpoint(nan_run):
     one_line_error(proc, "NaN", "no checkpoint was written", "lower the learning rate")
     run_dir = root / "runs" / "nan"
     assert status(run_dir) == "terminated_on_nan"
-    assert not (run_dir / "best.weights.h5").exists()
-    assert not (run_dir / "last.weights.h5").exists()
+    assert not (run_dir / "best.weights.h5").exists() and not (run_dir / "last.weights.h5").exists()
     assert not (root / "backup" / "nan").exists()  # nor a backup to resume from
     assert len(rows(run_dir / "history.csv")) == 1  # it stopped at once
 
@@ -207,8 +197,7 @@ def test_unwritable_output_folders_fail_first_in_one_line(reference, read_only_d
     target = read_only_dir / "out"
     cases = [
         (train_args("w1", tmp_path, "--runs-dir", target), "--runs-dir"),
-        (["train", "-id", "w2", "--limit", LIMIT, "-batchsize", BATCH, "--runs-dir",
-          tmp_path / "runs", "--backup-dir", target], "--backup-dir"),
+        (train_args("w2", tmp_path, "--backup-dir", target), "--backup-dir"),
         (["evaluate", "--weights", ref_dir / "best.weights.h5", "--out", target / "cm.png"],
          "--out"),
         (["plot", ref_dir, "--out", target], "--out"),

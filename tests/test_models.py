@@ -115,23 +115,18 @@ def real_images(cifar_sample, n: int = 16) -> np.ndarray:
     return (cifar_sample.x_test[:n].astype("float32") / 255.0)
 
 
-# --------------------------------------------------------------------------- registry
-
-
-def test_registry_and_param_table():
-    assert M.ARCHITECTURES == {"modelc": M.model_c, "strided": M.strided_cnn_c,
-                               "allcnn": M.all_cnn_c}
-    assert M.ARCH_PARAM_COUNTS == {"modelc": 954_730, "strided": 954_730, "allcnn": 1_369_738}
+# --------------------------------------------------------------------------- architecture
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_param_counts_match_hand_count_and_table(paper_models, seed_models, arch):
+    assert M.ARCHITECTURES[arch]().name == MODEL_NAMES[arch]
     expected = hand_count(arch)
     assert expected == M.ARCH_PARAM_COUNTS[arch]
     assert paper_models[arch].count_params() == expected
     assert seed_models[arch].count_params() == expected  # the seed deviations add no weights
     convs = {layer.name: layer for layer in M.conv_layers(paper_models[arch])}
-    assert list(convs) == list(CONV_SHAPES[arch])
+    assert list(convs) == list(CONV_SHAPES[arch])  # conv_layers: in forward order
     for name, (k, c_in, c_out) in CONV_SHAPES[arch].items():
         assert tuple(convs[name].kernel.shape) == (k, k, c_in, c_out), name
         assert tuple(convs[name].bias.shape) == (c_out,), name
@@ -151,81 +146,43 @@ def test_seed_layers_drop_input_dropout_and_stride2_relus(seed_models, arch):
     shapes = dict(layer_shapes(seed_models[arch]))
     assert list(shapes) == [name for name, _ in PAPER_SHAPES[arch] if name not in dropped]
     assert shapes["conv7"] == (None, 8, 8, 192) and shapes["relu9"] == (None, 8, 8, 10)
-
-
-def test_build_model_rejects_unknown_architecture():
-    with pytest.raises(ValueError, match="modelc, strided, allcnn"):
-        M.build_model("all_cnn")
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_unknown_variant_raises(arch):
-    with pytest.raises(ValueError, match="paper, seed"):
-        M.build_model(arch, variant="caffe")
-
-
-def test_custom_name_and_num_classes():
-    model = M.all_cnn_c(num_classes=100, name="all_cnn_c_cifar100")
-    assert model.name == "all_cnn_c_cifar100"
-    assert tuple(model.output.shape) == (None, 100)
-    assert tuple(model.get_layer("conv9").kernel.shape) == (1, 1, 192, 100)
-
-
-# --------------------------------------------------------------------------- paper vs seed
-
-
-@pytest.mark.parametrize("arch", ["allcnn", "strided"])
-def test_relu_after_stride2_convs_in_paper_not_in_seed(paper_models, seed_models, arch):
-    for conv in STRIDE2_CONVS[arch]:
-        assert paper_models[arch].get_layer(conv).strides == (2, 2)
-        after = next_layer(paper_models[arch], conv)
-        assert isinstance(after, keras.layers.ReLU), (arch, conv, after.name)
-        assert after.name == conv.replace("conv", "relu")
-        after_seed = next_layer(seed_models[arch], conv)
-        assert not isinstance(after_seed, keras.layers.ReLU), (arch, conv, after_seed.name)
-        assert after_seed.name.startswith("dropout")
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_conv_is_linear_and_followed_by_relu_in_paper(paper_models, arch):
-    for conv in M.conv_layers(paper_models[arch]):
-        assert conv.activation is keras.activations.linear, conv.name
-        assert isinstance(next_layer(paper_models[arch], conv.name), keras.layers.ReLU), conv.name
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_conv7_is_valid(paper_models, seed_models, arch):
-    for conv in M.conv_layers(paper_models[arch]):
-        assert conv.padding == ("valid" if conv.name == "conv7" else "same"), conv.name
     assert all(conv.padding == "same" for conv in M.conv_layers(seed_models[arch]))
 
 
-def test_model_c_max_pooling(paper_models):
-    for name in ("pool1", "pool2"):
-        pool = paper_models["modelc"].get_layer(name)
-        assert isinstance(pool, keras.layers.MaxPooling2D)
-        assert pool.pool_size == (3, 3) and pool.strides == (2, 2)
-    assert not any(isinstance(layer, keras.layers.MaxPooling2D)
-                   for arch in ("allcnn", "strided") for layer in paper_models[arch].layers)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_dropout_layers_and_rates(paper_models, seed_models, arch):
-    paper, seed = paper_models[arch], seed_models[arch]
-    rates = {layer.name: layer.rate for layer in paper.layers
-             if isinstance(layer, keras.layers.Dropout)}
+def test_layer_types_strides_padding_and_dropout_rates(paper_models, arch):
+    model = paper_models[arch]
+    for conv in M.conv_layers(model):
+        assert conv.activation is keras.activations.linear, conv.name
+        assert isinstance(next_layer(model, conv.name), keras.layers.ReLU), conv.name
+        assert conv.padding == ("valid" if conv.name == "conv7" else "same"), conv.name
+        stride = 2 if conv.name in STRIDE2_CONVS[arch] else 1
+        assert conv.strides == (stride, stride), conv.name
+    pools = [la for la in model.layers if isinstance(la, keras.layers.MaxPooling2D)]
+    assert [(p.pool_size, p.strides) for p in pools] == [((3, 3), (2, 2))] * (
+        2 if arch == "modelc" else 0)
+    rates = {la.name: la.rate for la in model.layers if isinstance(la, keras.layers.Dropout)}
     assert rates == {"input_dropout": 0.2, "dropout1": 0.5, "dropout2": 0.5}
-    assert paper.layers[1].name == "input_dropout"  # straight on the input image
-    seed_rates = {layer.name: layer.rate for layer in seed.layers
-                  if isinstance(layer, keras.layers.Dropout)}
-    assert seed_rates == {"dropout1": 0.5, "dropout2": 0.5}
+    assert model.layers[1].name == "input_dropout"  # straight on the input image
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_dropout_false_removes_all_dropout(arch):
-    model = M.build_model(arch, dropout=False)
+def test_errors_name_the_choices():
+    with pytest.raises(ValueError, match="modelc, strided, allcnn"):
+        M.build_model("all_cnn")
+    with pytest.raises(ValueError, match="paper, seed"):
+        M.build_model("allcnn", variant="caffe")
+    with pytest.raises(ValueError, match="weight_decay"):
+        M.model_c(weight_decay=-1e-4)
+    with pytest.raises(ValueError, match="no_such_init"):
+        M.all_cnn_c(initializer="no_such_init")
+
+
+def test_custom_name_num_classes_and_no_dropout():
+    model = M.all_cnn_c(num_classes=100, name="all_cnn_c_cifar100", dropout=False)
+    assert model.name == "all_cnn_c_cifar100"
+    assert tuple(model.output.shape) == (None, 100)
+    assert tuple(model.get_layer("conv9").kernel.shape) == (1, 1, 192, 100)
     assert not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
-    assert model.count_params() == M.ARCH_PARAM_COUNTS[arch]
 
 
 # --------------------------------------------------------------------------- regularization
@@ -242,28 +199,14 @@ def test_l2_on_kernels_only(paper_models):
     losses = [float(keras.ops.convert_to_numpy(loss)) for loss in model.losses]
     assert len(losses) == 9
     assert sum(losses) == pytest.approx(expected, rel=1e-4)
-
-
-@pytest.mark.parametrize("weight_decay", [0, None])
-def test_no_weight_decay_means_no_regularizer(weight_decay):
-    model = M.strided_cnn_c(weight_decay=weight_decay)
-    assert all(conv.kernel_regularizer is None for conv in M.conv_layers(model))
-    assert model.losses == []
-
-
-def test_negative_weight_decay_raises():
-    with pytest.raises(ValueError, match="weight_decay"):
-        M.model_c(weight_decay=-1e-4)
-
-
-# --------------------------------------------------------------------------- batch norm
+    for weight_decay in (0, None):
+        assert M.strided_cnn_c(weight_decay=weight_decay).losses == []
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_norm_variant(arch):
     model = M.build_model(arch, batch_norm=True)
-    convs = M.conv_layers(model)
-    for conv in convs:
+    for conv in M.conv_layers(model):
         index = conv.name.removeprefix("conv")
         assert not conv.use_bias, conv.name
         bn = next_layer(model, conv.name)
@@ -271,79 +214,57 @@ def test_batch_norm_variant(arch):
         relu = next_layer(model, bn.name)
         assert isinstance(relu, keras.layers.ReLU) and relu.name == f"relu{index}"
     assert model.count_params() == hand_count(arch, bias=False, bn=True)
-    assert tuple(model.output.shape) == (None, 10)
 
 
 # --------------------------------------------------------------------------- initializers
 
 
-def test_initializer_by_keras_name():
+def kernels(model: keras.Model) -> dict[str, np.ndarray]:
+    return {conv.name: keras.ops.convert_to_numpy(conv.kernel) for conv in M.conv_layers(model)}
+
+
+def test_initializer_by_course_name():
+    model = M.model_c(initializer="gaussian", weight_decay=None)  # N(0, 0.01)
+    assert all(isinstance(conv.kernel_initializer, keras.initializers.RandomNormal)
+               for conv in M.conv_layers(model))
+    assert all(abs(k.std() / 0.01 - 1) < 0.1 for k in kernels(model).values())
     model = M.model_c(initializer="he_normal")
-    kernels = {type(conv.kernel_initializer) for conv in M.conv_layers(model)}
-    assert kernels == {keras.initializers.HeNormal}
+    assert {type(c.kernel_initializer) for c in M.conv_layers(model)} == {
+        keras.initializers.HeNormal}
 
 
-def test_seeded_initializer_is_reproducible_and_distinct_per_layer():
-    first = M.all_cnn_c(initializer=keras.initializers.GlorotUniform(seed=7))
-    second = M.all_cnn_c(initializer=keras.initializers.GlorotUniform(seed=7))
-    kernels = {conv.name: keras.ops.convert_to_numpy(conv.kernel)
-               for conv in M.conv_layers(first)}
-    for conv in M.conv_layers(second):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(conv.kernel),
-                                      kernels[conv.name])
+@pytest.mark.parametrize("initializer", [
+    "glorot_uniform", keras.initializers.HeNormal(), keras.initializers.GlorotUniform(seed=7)])
+def test_initializers_are_reproducible_and_distinct_per_layer(initializer):
+    """Keras 3 initializers repeat their numbers on every call, seeded or not."""
+    keras.utils.set_random_seed(3)
+    first = kernels(M.all_cnn_c(initializer=initializer))
+    keras.utils.set_random_seed(3)
+    second = kernels(M.all_cnn_c(initializer=initializer))
     # conv5, conv6 and conv7 have the same shape; one shared seed would make them identical
-    assert not np.array_equal(kernels["conv5"], kernels["conv6"])
-    assert not np.array_equal(kernels["conv6"], kernels["conv7"])
-    seeds = [conv.kernel_initializer.get_config()["seed"] for conv in M.conv_layers(first)]
+    assert not np.array_equal(first["conv5"], first["conv6"])
+    assert not np.array_equal(first["conv6"], first["conv7"])
+    for name, kernel in first.items():
+        np.testing.assert_array_equal(second[name], kernel)
+
+
+def test_seeded_initializer_gives_layer_k_seed_plus_k():
+    model = M.all_cnn_c(initializer=keras.initializers.GlorotUniform(seed=7))
+    seeds = [conv.kernel_initializer.get_config()["seed"] for conv in M.conv_layers(model)]
     assert seeds == [7 + i for i in range(1, 10)]
 
 
-@pytest.mark.parametrize("initializer", ["glorot_uniform", keras.initializers.HeNormal()])
-def test_unseeded_initializer_gives_distinct_reproducible_layers(initializer):
-    """Keras 3 initializers repeat their numbers on every call, seeded or not."""
-    keras.utils.set_random_seed(3)
-    first = M.all_cnn_c(initializer=initializer)
-    keras.utils.set_random_seed(3)
-    second = M.all_cnn_c(initializer=initializer)
-    kernels = {conv.name: keras.ops.convert_to_numpy(conv.kernel)
-               for conv in M.conv_layers(first)}
-    assert not np.array_equal(kernels["conv5"], kernels["conv6"])
-    assert not np.array_equal(kernels["conv6"], kernels["conv7"])
-    for conv in M.conv_layers(second):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(conv.kernel),
-                                      kernels[conv.name])
-
-
-def test_seed_generator_initializer_is_shared():
+def test_seed_generator_and_callable_initializers():
     initializer = keras.initializers.GlorotUniform(seed=keras.random.SeedGenerator(5))
     model = M.strided_cnn_c(initializer=initializer)
     assert all(conv.kernel_initializer is initializer for conv in M.conv_layers(model))
-    kernels = [keras.ops.convert_to_numpy(model.get_layer(name).kernel)
-               for name in ("conv5", "conv7")]
-    assert not np.array_equal(*kernels)  # the generator advances between layers
+    assert not np.array_equal(*(kernels(model)[n] for n in ("conv5", "conv7")))  # it advances
 
-
-def test_callable_initializer():
     def constant_quarter(shape, dtype=None):
         return keras.ops.full(shape, 0.25, dtype=dtype)
 
-    model = M.strided_cnn_c(initializer=constant_quarter)
-    for conv in M.conv_layers(model):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(conv.kernel), 0.25)
-
-
-def test_unknown_initializer_name_raises():
-    with pytest.raises(ValueError, match="no_such_init"):
-        M.all_cnn_c(initializer="no_such_init")
-
-
-def test_initializer_names_go_to_allcnn_initializers_first():
-    model = M.model_c(initializer="gaussian")  # a course name: N(0, 0.01)
-    assert all(isinstance(conv.kernel_initializer, keras.initializers.RandomNormal)
-               for conv in M.conv_layers(model))
-    fallback = M.model_c(initializer="orthogonal")  # unknown there: Keras' own
-    assert isinstance(M.conv_layers(fallback)[0].kernel_initializer,
-                      keras.initializers.Orthogonal)
+    for kernel in kernels(M.strided_cnn_c(initializer=constant_quarter)).values():
+        np.testing.assert_array_equal(kernel, 0.25)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -356,13 +277,6 @@ def test_softmax_sums_to_one_on_real_images(paper_models, cifar_sample, arch):
     assert probs.shape == (len(images), 10)
     assert np.all(np.isfinite(probs)) and np.all(probs >= 0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-
-
-def test_conv_layers_in_order(paper_models):
-    assert [c.name for c in M.conv_layers(paper_models["allcnn"])] == [
-        f"conv{i}" for i in range(1, 10)]
-    assert [c.name for c in M.conv_layers(paper_models["modelc"])] == [
-        "conv1", "conv2", "conv4", "conv5", "conv7", "conv8", "conv9"]
 
 
 # --------------------------------------------------------------------------- backends

@@ -16,7 +16,6 @@ from allcnn_lib import cli
 from allcnn_lib.evaluation import predict_probabilities, tta_views
 from allcnn_lib.initializers import patch_whitening_kernel, whiten_first_conv
 from allcnn_lib.models import ARCH_PARAM_COUNTS, build_model
-from allcnn_lib.preprocessing import tf_shift_flip
 from allcnn_lib.recipes import RECIPES, cpu_has_bf16
 from allcnn_lib.training import (
     TrainConfig,
@@ -41,23 +40,6 @@ def test_ema_is_keras_use_ema():
     opt = make_optimizer("sgd", learning_rate=0.1, ema=True)
     assert opt.use_ema and opt.ema_momentum == pytest.approx(0.99)
     assert not make_optimizer("sgd").use_ema
-
-
-# --------------------------------------------------------------------------- augmentation
-
-
-@pytest.mark.parametrize("dy,dx,flip", [(2, -1, False), (-4, 3, True), (0, 0, True)])
-def test_reflect_shift_is_a_crop_of_the_reflect_padded_image(cifar_sample, dy, dx, flip):
-    images = cifar_sample.x_train[:3]
-    out = tf_shift_flip(images, [dy] * 3, [dx] * 3, [flip] * 3, "reflect").numpy()
-    source = images[:, :, ::-1] if flip else images
-    padded = np.pad(source, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
-    np.testing.assert_array_equal(out, padded[:, 4 - dy:36 - dy, 4 - dx:36 - dx])
-
-
-def test_bad_fill_is_one_clear_error():
-    with pytest.raises(ValueError, match="'reflect'"):
-        tf_shift_flip(np.zeros((1, 4, 4, 1)), [1], [1], [False], "wrap")
 
 
 # --------------------------------------------------------------------------- patch whitening

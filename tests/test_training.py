@@ -19,22 +19,19 @@ import pytest
 import tensorflow as tf
 
 from allcnn_lib import runs, training
+from allcnn_lib.runs import atomic_write_text, truncate_csv
 from allcnn_lib.training import (
-    AtomicBackupAndRestore,
-    AtomicModelCheckpoint,
+    Checkpoints,
     EpochLogger,
     TrainConfig,
-    atomic_write_text,
     backup_epoch,
     base_initializer,
     current_learning_rate,
     finish_initialization,
-    format_epoch_line,
     make_dataset,
     make_optimizer,
     make_schedule,
     paper_boundaries,
-    truncate_csv,
 )
 
 # --------------------------------------------------------------------------- optimizers
@@ -212,7 +209,7 @@ def test_standardize_preprocess_matches_the_standardizer(cifar_sample):
 
 def test_make_dataset_augmentation_shifts_and_flips(cifar_sample):
     """Every augmented image is its original, maybe flipped, shifted by at most 3 px (10%)."""
-    from allcnn_lib.preprocessing import shift_flip
+    from allcnn_lib.preprocessing import tf_shift_flip
 
     x = cifar_sample.x_train[:32]
     y = np.arange(32)  # labels as indices: find each image's original
@@ -221,8 +218,8 @@ def test_make_dataset_augmentation_shifts_and_flips(cifar_sample):
     moves = [(dy, dx, f) for dy in range(-3, 4) for dx in range(-3, 4) for f in (False, True)]
     found = []
     for image, j in zip(images, idx, strict=True):
-        candidates = shift_flip(np.repeat(plain[j][None], len(moves), axis=0),
-                                *map(np.array, zip(*moves, strict=True)))
+        candidates = tf_shift_flip(np.repeat(plain[j][None], len(moves), axis=0),
+                                   *map(np.array, zip(*moves, strict=True))).numpy()
         match = [m for m, c in zip(moves, candidates, strict=True) if np.allclose(c, image)]
         assert match, f"image {j} is no shift/flip of its original"
         found.append(match[0])
@@ -249,8 +246,8 @@ def test_base_initializer_starts_lsuv_from_orthogonal():
 
 
 def _conv_output_variances(model: keras.Model, images: np.ndarray) -> list[float]:
+    from allcnn_lib.analysis import activation_stats
     from allcnn_lib.models import conv_layers
-    from allcnn_lib.signal_propagation import activation_stats
 
     return [std**2 for std in activation_stats(model, images, conv_layers(model)).values()]
 
@@ -299,51 +296,59 @@ def test_train_sets_up_lsuv_through_finish_initialization(cifar_sample, tmp_path
 
 def _tiny_model() -> keras.Model:
     inputs = keras.Input((4,))
-    return keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs), name="tiny")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs), name="tiny")
+    model.compile(optimizer="sgd", loss="mse")
+    return model
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if runs.TMP_MARK in p.name)
+    return sorted(p.name for p in folder.rglob("*") if runs.TMP_MARK in p.name)
 
 
-def test_atomic_checkpoint_replaces_the_file_and_leaves_no_temporary(tmp_path):
-    model = _tiny_model()
-    target = tmp_path / "best.weights.h5"
-    cb = AtomicModelCheckpoint(str(target), monitor="val_accuracy", mode="max",
-                               save_best_only=True, save_weights_only=True)
+def _checkpoints(tmp_path: Path, model: keras.Model) -> Checkpoints:
+    cb = Checkpoints(tmp_path, tmp_path / "backup")
     cb.set_model(model)
+    return cb
+
+
+def _files(tmp_path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*.h5"))}
+
+
+def test_checkpoints_replace_files_atomically_and_keep_the_best(tmp_path):
+    model = _tiny_model()
+    cb = _checkpoints(tmp_path, model)
     cb.on_epoch_end(0, {"val_accuracy": 0.5})
-    assert target.is_file()
-    first = target.stat().st_ino
-    cb.on_epoch_end(1, {"val_accuracy": 0.4})  # no improvement: untouched
-    assert target.stat().st_ino == first
+    assert set(_files(tmp_path)) == {"best.weights.h5", "last.weights.h5", "latest.weights.h5"}
+    best, last = (tmp_path / "best.weights.h5").stat().st_ino, (tmp_path / "last.weights.h5")
+    cb.on_epoch_end(1, {"val_accuracy": 0.4})  # no improvement: best untouched
+    assert (tmp_path / "best.weights.h5").stat().st_ino == best
     model.get_layer("dense").kernel.assign(np.ones((4, 2)))
+    before = last.stat().st_ino
     cb.on_epoch_end(2, {"val_accuracy": 0.6})
-    assert target.stat().st_ino != first  # a new file moved into place, not rewritten
+    assert (tmp_path / "best.weights.h5").stat().st_ino != best  # moved into place
+    assert last.stat().st_ino != before
     assert _leftovers(tmp_path) == []
     fresh = _tiny_model()
-    fresh.load_weights(target)
+    fresh.load_weights(tmp_path / "best.weights.h5")
     np.testing.assert_array_equal(fresh.get_layer("dense").kernel.numpy(), np.ones((4, 2)))
 
 
-def test_atomic_checkpoint_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+def test_checkpoint_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
     model = _tiny_model()
-    target = tmp_path / "last.weights.h5"
-    cb = AtomicModelCheckpoint(str(target), save_weights_only=True)
-    cb.set_model(model)
+    cb = _checkpoints(tmp_path, model)
     cb.on_epoch_end(0, {})
-    good = target.read_bytes()
+    good = _files(tmp_path)
 
     def crash(filepath, overwrite=True, **kwargs):
         Path(filepath).write_bytes(b"half a checkpoint")  # the write starts ...
-        raise OSError("disk full")  # ... and dies
+        raise OSError("I/O error")  # ... and dies
 
     monkeypatch.setattr(model, "save_weights", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="I/O error"):
         cb.on_epoch_end(1, {})
-    assert target.read_bytes() == good
-    assert _leftovers(tmp_path) == []
-    _tiny_model().load_weights(target)  # still a valid checkpoint
+    assert _files(tmp_path) == good and _leftovers(tmp_path) == []
+    _tiny_model().load_weights(tmp_path / "last.weights.h5")  # still a valid checkpoint
 
 
 def test_atomic_write_text_and_stale_temporaries(tmp_path):
@@ -355,42 +360,16 @@ def test_atomic_write_text_and_stale_temporaries(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_backup_records_the_completed_epochs_in_the_weights_file(tmp_path):
+def test_backup_records_the_completed_epochs_and_restores_the_weights(tmp_path):
     model = _tiny_model()
-    model.compile(optimizer="sgd", loss="mse")
     model.get_layer("dense").kernel.assign(np.ones((4, 2)))
-    cb = AtomicBackupAndRestore(str(tmp_path / "backup"))
-    cb.set_model(model)
     assert backup_epoch(tmp_path / "backup") == 0
-    cb.on_epoch_end(2, {})
+    _checkpoints(tmp_path, model).on_epoch_end(2, {})
     assert backup_epoch(tmp_path / "backup") == 3
-    assert _leftovers(tmp_path / "backup") == []
     restored = _tiny_model()
-    restored.compile(optimizer="sgd", loss="mse")
-    cb2 = AtomicBackupAndRestore(str(tmp_path / "backup"))
-    cb2.set_model(restored)
-    cb2.on_train_begin()
+    _checkpoints(tmp_path, restored).on_train_begin()
     for a, b in zip(restored.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def _checkpointing(tmp_path: Path, model: keras.Model) -> tuple[list, training.CheckpointGuard]:
-    guard = training.CheckpointGuard()
-    callbacks = [
-        AtomicModelCheckpoint(str(tmp_path / "best.weights.h5"), monitor="val_accuracy",
-                              mode="max", save_best_only=True, save_weights_only=True,
-                              guard=guard),
-        AtomicModelCheckpoint(str(tmp_path / "last.weights.h5"), save_weights_only=True,
-                              guard=guard),
-        AtomicBackupAndRestore(str(tmp_path / "backup"), guard=guard),
-    ]
-    for cb in callbacks:
-        cb.set_model(model)
-    return callbacks, guard
-
-
-def _files(tmp_path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*.h5"))}
 
 
 def test_a_nan_state_never_replaces_a_good_checkpoint_or_backup(tmp_path):
@@ -398,57 +377,49 @@ def test_a_nan_state_never_replaces_a_good_checkpoint_or_backup(tmp_path):
     accuracy that would count as an improvement); best, last and the backup keep the good
     epoch, and training is told to stop."""
     model = _tiny_model()
-    model.compile(optimizer="sgd", loss="mse")
-    callbacks, guard = _checkpointing(tmp_path, model)
-    for cb in callbacks:
-        cb.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.3})
+    cb = _checkpoints(tmp_path, model)
+    cb.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.3})
     good = _files(tmp_path)
-    assert set(good) == {"best.weights.h5", "last.weights.h5", "latest.weights.h5"}
     kernel = model.get_layer("dense").kernel
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))
-    for cb in callbacks:  # a finite training loss: only the weights show it
-        cb.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.5, "val_accuracy": 0.9})
+    cb.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.5, "val_accuracy": 0.9})  # finite losses
     assert _files(tmp_path) == good
-    assert guard.nonfinite_epoch == 1 and model.stop_training
+    assert cb.nonfinite_epoch == 1 and model.stop_training
     assert backup_epoch(tmp_path / "backup") == 1
     # and a NaN loss alone is enough
-    model2 = _tiny_model()
-    callbacks2, guard2 = _checkpointing(tmp_path / "two", model2)
-    callbacks2[1].on_epoch_end(0, {"loss": float("nan")})
-    assert guard2.nonfinite_epoch == 0 and not (tmp_path / "two" / "last.weights.h5").exists()
+    cb2 = _checkpoints(tmp_path / "two", _tiny_model())
+    cb2.on_epoch_end(0, {"loss": float("nan")})
+    assert cb2.nonfinite_epoch == 0 and not (tmp_path / "two" / "last.weights.h5").exists()
 
 
 def test_disk_full_mid_write_keeps_the_checkpoint_and_stops(tmp_path, monkeypatch):
     """Issue 20, item 6: ENOSPC in the middle of a checkpoint: the previous file stays, no
     temporary is left, the error names the file and the space, and training stops."""
     model = _tiny_model()
-    callbacks, guard = _checkpointing(tmp_path, model)
-    last = callbacks[1]
-    last.on_epoch_end(0, {"loss": 1.0})
-    good = (tmp_path / "last.weights.h5").read_bytes()
+    cb = _checkpoints(tmp_path, model)
+    cb.on_epoch_end(0, {"loss": 1.0})
+    good = _files(tmp_path)
 
     def full(filepath, overwrite=True, **kwargs):
         Path(filepath).write_bytes(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
 
     monkeypatch.setattr(model, "save_weights", full)
-    last.on_epoch_end(1, {"loss": 0.9})
-    assert (tmp_path / "last.weights.h5").read_bytes() == good
-    assert _leftovers(tmp_path) == []
-    assert isinstance(guard.disk_full, runs.DiskFullError) and model.stop_training
-    message = str(guard.disk_full)
+    cb.on_epoch_end(1, {"loss": 0.9})
+    assert _files(tmp_path) == good and _leftovers(tmp_path) == []
+    assert backup_epoch(tmp_path / "backup") == 1  # the backup was not attempted after it
+    assert isinstance(cb.disk_full, runs.DiskFullError) and model.stop_training
+    message = str(cb.disk_full)
     assert "no space left on device for " in message and "last.weights.h5" in message
     assert "MB free" in message and "\n" not in message
-    callbacks[2].on_epoch_end(1, {"loss": 0.9})  # the backup is not attempted after it
-    assert not (tmp_path / "backup" / "latest.weights.h5").exists()
 
 
 def test_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
     model = _tiny_model()
-    callbacks, guard = _checkpointing(tmp_path, model)
+    cb = _checkpoints(tmp_path, model)
     monkeypatch.setattr(runs, "free_bytes", lambda folder: 1000)
-    callbacks[1].on_epoch_end(0, {"loss": 1.0})
-    assert "needs about 1.3 MB, 0.0 MB free" in str(guard.disk_full)
+    cb.on_epoch_end(0, {"loss": 1.0})
+    assert "needs about 1.3 MB, 0.0 MB free" in str(cb.disk_full)
     assert not (tmp_path / "last.weights.h5").exists() and _leftovers(tmp_path) == []
     with pytest.raises(runs.DiskFullError, match="config.json"):
         runs.atomic_path(tmp_path / "config.json", size_hint=10).__enter__()
@@ -458,22 +429,17 @@ def test_backup_carries_the_dropout_seed_state(tmp_path):
     """Issue 20, item 15: a resumed run draws the dropout masks the uninterrupted run drew."""
     def model_with_dropout() -> keras.Model:
         inputs = keras.Input((4,))
-        return keras.Model(inputs, keras.layers.Dropout(0.5, seed=1)(inputs))
+        model = keras.Model(inputs, keras.layers.Dropout(0.5, seed=1)(inputs))
+        model.compile(optimizer="sgd", loss="mse")
+        return model
 
     model = model_with_dropout()
-    model.compile(optimizer="sgd", loss="mse")
     x = np.ones((8, 4), "float32")
     model(x, training=True)  # advances the seed generator
-    cb = AtomicBackupAndRestore(str(tmp_path / "backup"))
-    cb.set_model(model)
-    cb.on_epoch_end(0, {})
+    _checkpoints(tmp_path, model).on_epoch_end(0, {})
     expected = keras.ops.convert_to_numpy(model(x, training=True))
-
     resumed = model_with_dropout()
-    resumed.compile(optimizer="sgd", loss="mse")
-    cb2 = AtomicBackupAndRestore(str(tmp_path / "backup"))
-    cb2.set_model(resumed)
-    cb2.on_train_begin()
+    _checkpoints(tmp_path, resumed).on_train_begin()
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(resumed(x, training=True)),
                                   expected)
 
@@ -517,18 +483,23 @@ def test_truncate_csv_keeps_only_completed_epochs(tmp_path):
     assert truncate_csv(tmp_path / "absent.csv", 3) == 0
 
 
-def test_epoch_line_format():
-    logs = {"loss": 1.2341, "accuracy": 0.4561, "val_loss": 1.3, "val_accuracy": 0.42,
-            "time": 12.34}
-    assert format_epoch_line(2, 10, logs) == (
-        "epoch 3/10  loss 1.234  acc 0.456  val_loss 1.300  val_acc 0.420  12.3 s")
+def test_epoch_logger_adds_time_and_rate_and_prints_one_line():
     out = io.StringIO()
     logger = EpochLogger(stream=out)
-    logger.set_params({"epochs": 4})
+    logger.set_model(_tiny_model())
+    logger.set_params({"epochs": 10})
+    logs = {"loss": 1.2341, "accuracy": 0.4561, "val_loss": 1.3, "val_accuracy": 0.42}
+    logger.on_epoch_begin(2)
+    logger.on_epoch_end(2, logs)
+    assert logs["learning_rate"] == pytest.approx(0.01) and 0 <= logs["time"] < 10
+    assert out.getvalue() == (f"epoch 3/10  loss 1.234  acc 0.456  val_loss 1.300  "
+                              f"val_acc 0.420  {logs['time']:.1f} s\n")
+    quiet = io.StringIO()
+    logger = EpochLogger(quiet=True, stream=quiet)
+    logger.set_model(_tiny_model())
     logger.on_epoch_begin(0)
-    logger.on_epoch_end(0, {"loss": 2.0, "accuracy": 0.1})
-    assert out.getvalue().startswith("epoch 1/4  loss 2.000  acc 0.100  ")
-    assert out.getvalue().rstrip().endswith(" s")
+    logger.on_epoch_end(0, {})
+    assert quiet.getvalue() == ""
 
 
 def test_train_config_validates_and_names_runs(tmp_path):

@@ -1,0 +1,118 @@
+"""Tests of allcnn_lib.plots: each figure has its title, labels and the drawn data; the image
+helpers; atomic saving of a run folder's curves."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from allcnn_lib import plots  # noqa: E402
+from allcnn_lib.analysis import layer_table  # noqa: E402
+from allcnn_lib.models import build_model  # noqa: E402
+
+NAMES = [f"class {i}" for i in range(10)]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_plot_layer_costs_and_receptive_fields():
+    keras.utils.set_random_seed(0)
+    tables = {arch: layer_table(build_model(arch)) for arch in ("modelc", "strided", "allcnn")}
+    fig = plots.plot_layer_costs(tables)
+    assert fig._suptitle.get_text() and all(ax.get_title() and ax.get_ylabel() for ax in fig.axes)
+    bars = fig.axes[0].containers
+    assert len(bars) == 3 and all(len(b) == len(plots.LAYER_SLOTS) for b in bars)
+    # Strided-CNN-C has no conv3 / conv6: its bars there are empty
+    assert bars[1][2].get_height() == 0 and bars[1][5].get_height() == 0
+    assert bars[2][0].get_height() == pytest.approx((9 * 3 * 96 + 96) / 1e3)
+    fig = plots.plot_receptive_fields(tables)
+    assert all(ax.get_title() and ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+    assert list(fig.axes[0].get_lines()[2].get_ydata()) == [3, 5, 7, 11, 15, 19, 27, 27, 27]
+
+
+def test_plot_class_maps_and_cams():
+    maps = np.arange(8 * 8 * 10, dtype=float).reshape(8, 8, 10) / 100
+    fig = plots.plot_class_maps(maps, NAMES)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["0: class 0", "1: class 1"]
+    assert fig.axes[0].get_xlabel() == f"mean {maps[..., 0].mean():.4f}"
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    cams = np.random.default_rng(0).random((3, 32, 32))
+    fig = plots.plot_cams(images, cams, [0, 1, 2], [0, 2, 2], NAMES)
+    assert fig.axes[0].get_title() == "true: class 0"
+    wrong = fig.axes[3 + 1].xaxis.label  # second image of the bottom row was misclassified
+    assert matplotlib.colors.to_hex(wrong.get_color()) == "#ff0000"
+
+
+def test_layer_stats_figure():
+    stats = {"he": {"conv1": 1.0, "conv2": 1.1}, "gaussian": {"conv1": 1e-2, "conv2": 1e-4}}
+    fig = plots.layer_stats_figure(stats, title="t", ylabel="std of y", predicted={"he": [1, 1]})
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_title() == "t" and ax.get_ylabel() == "std of y"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1", "conv2"]
+    assert len(ax.get_legend().get_texts()) == 3  # two initializers and the theory line
+    with pytest.raises(ValueError, match="layers"):
+        plots.layer_stats_figure({"a": {"x": 1.0}, "b": {"y": 1.0}}, title="t", ylabel="y")
+    fig, axes = plt.subplots(1, 2)
+    assert plots.layer_stats_figure(stats, title="a", ylabel="y", ax=axes[0]) is fig
+    plots.layer_stats_figure(stats, title="b", ylabel="y", ax=axes[1], legend=False)
+    assert axes[0].get_legend() is not None and axes[1].get_legend() is None
+
+
+def test_weight_histograms():
+    rng = np.random.default_rng(0)
+    fig = plots.weight_histograms({"a": rng.normal(0, 1, 1000), "b": rng.uniform(-1, 1, 1000)},
+                                  title="weights")
+    ax = fig.axes[0]
+    assert ax.get_title() == "weights" and ax.get_xlabel() and ax.get_ylabel()
+    assert len(ax.patches) == 2
+    assert [t.get_text()[:1] for t in ax.get_legend().get_texts()] == ["a", "b"]
+
+
+def test_data_figures(cifar_sample):
+    x, y = cifar_sample.x_train, cifar_sample.y_train
+    fig = plots.image_grid(x, y, NAMES, per_class=3, title="grid")
+    assert len(fig.axes) == 30 and fig.axes[3].get_ylabel() == "class 1"
+    fig = plots.image_row(list(x[:2]), ["a", "b"], title="row")
+    assert [ax.get_xlabel() for ax in fig.axes] == ["a", "b"]
+    fig = plots.class_balance({"train": y}, NAMES)
+    assert len(fig.axes[0].patches) >= 10 and fig.axes[0].get_ylabel() == "images"
+    fig = plots.pixel_histograms(x)
+    shares = fig.axes[0].get_lines()[0].get_ydata()
+    assert len(shares) == 256 and shares.sum() == pytest.approx(100)
+
+
+def test_image_helpers():
+    images = np.random.default_rng(0).uniform(0, 1, (5, 3, 3, 3))
+    mosaic = plots.tile_images(images, columns=2)
+    assert mosaic.shape == (3 * 4 + 1, 2 * 4 + 1, 3)
+    np.testing.assert_array_equal(mosaic[1:4, 5:8], images[1])
+    blended = plots.heat_overlay(np.zeros((4, 4, 3), np.uint8), np.arange(16.0).reshape(4, 4))
+    assert blended.shape == (4, 4, 3) and 0 <= blended.min() and blended.max() <= 1
+    fig = plots.image_table({"a": list(images[:2]), "b": list(images[2:4])}, ["x", "y"])
+    assert len(fig.axes) == 4 and fig.axes[1].get_title() == "y"
+    assert fig.axes[2].get_ylabel() == "b"
+
+
+def test_save_run_plots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n"
+                                     "0,0.2,2.0,0.25,1.9\n1,0.3,1.8,0.3,1.8\n")
+    (run / "batches.csv").write_text("epoch,batch,step,accuracy,loss\n"
+                                     "0,0,0,0.1,2.1\n0,1,1,0.3,1.9\n1,0,2,0.3,1.8\n")
+    files = plots.save_run_plots(run, tmp_path / "out")
+    assert sorted(p.name for p in files.values()) == ["accuracy.png", "loss.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["accuracy.png", "loss.png"]
+    assert files["loss"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="history.csv"):
+        plots.save_run_plots(tmp_path / "missing")
