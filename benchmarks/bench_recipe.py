@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 
 from common import (
+    REPO,
     RESULTS_DIR,
     batch_timer,
     bf16_peak,
@@ -528,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
             "precision": "mixed_bfloat16" if bf16 else "float32", "recipe": recipe,
             "batches": args.batches, "steps": args.steps, "warmup": args.warmup,
             "statistic": "median seconds per step -> images/s; spread = min/quartiles/max",
-            "peak_file": str(peak_path), "peak_date": (peak or {}).get("date"),
+            "peak_file": (str(peak_path.resolve().relative_to(REPO))
+                          if peak_path.resolve().is_relative_to(REPO) else peak_path.name),
+            "peak_date": (peak or {}).get("date"),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "seconds": time.perf_counter() - started, "complete": done,
             "rows": rows, "ratios": ratios})

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from allcnn_lib.data import CIFAR10, DEFAULT_DATA_DIR, load_cifar10
+from allcnn_lib.runs import ARCHS
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,28 @@ def no_tensorflow_env(tmp_path_factory) -> dict[str, str]:
                [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("ALLCNN_DEBUG", None)
     return env
+
+
+@pytest.fixture(scope="module")
+def paper_models() -> dict:
+    """Model C, Strided-CNN-C and All-CNN-C as the paper specifies them (seeded), per module."""
+    import keras
+
+    from allcnn_lib.models import build_model
+
+    keras.utils.set_random_seed(0)
+    return {arch: build_model(arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def seed_models() -> dict:
+    """The same three networks as the seed repository built them (seeded), per module."""
+    import keras
+
+    from allcnn_lib.models import build_model
+
+    keras.utils.set_random_seed(0)
+    return {arch: build_model(arch, variant="seed") for arch in ARCHS}
 
 
 def pytest_configure(config):

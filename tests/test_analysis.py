@@ -54,18 +54,6 @@ HAND_PARAMS = {"conv1": 9 * 3 * 96 + 96, "conv2": 9 * 96 * 96 + 96, "conv3": 9 *
                "conv8": 192 * 192 + 192, "conv9": 192 * 10 + 10}
 
 
-@pytest.fixture(scope="module")
-def paper_models() -> dict[str, keras.Model]:
-    keras.utils.set_random_seed(0)
-    return {arch: M.build_model(arch) for arch in ARCHS}
-
-
-@pytest.fixture(scope="module")
-def seed_models() -> dict[str, keras.Model]:
-    keras.utils.set_random_seed(0)
-    return {arch: M.build_model(arch, variant="seed") for arch in ARCHS}
-
-
 # --------------------------------------------------------------------------- layer tables
 
 

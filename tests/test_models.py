@@ -89,18 +89,6 @@ STRIDE2_CONVS = {"allcnn": ("conv3", "conv6"), "strided": ("conv2", "conv5"), "m
 ARCHS = tuple(M.ARCHITECTURES)
 
 
-@pytest.fixture(scope="module")
-def paper_models() -> dict[str, keras.Model]:
-    keras.utils.set_random_seed(0)
-    return {arch: M.build_model(arch) for arch in ARCHS}
-
-
-@pytest.fixture(scope="module")
-def seed_models() -> dict[str, keras.Model]:
-    keras.utils.set_random_seed(0)
-    return {arch: M.build_model(arch, variant="seed") for arch in ARCHS}
-
-
 def layer_shapes(model: keras.Model) -> list[tuple[str, tuple]]:
     return [(layer.name, tuple(layer.output.shape)) for layer in model.layers]
 
