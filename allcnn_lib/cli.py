@@ -382,14 +382,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise CLIError(f"{run_dir}: no history.csv (not a training run folder?)")
     out = Path(args.out or run_dir)
     _check_writable(out, "--out")
-    from allcnn_lib.plots import save_figure, training_curves
+    from allcnn_lib.plots import save_run_plots
 
-    history, batches = (runs.read_columns(run_dir / name)
-                        for name in (runs.HISTORY_CSV, runs.BATCHES_CSV))
-    for metric in ("accuracy", "loss"):
-        fig = training_curves(history, metric, batches=batches or None,
-                              title=f"{run_dir.name}: {metric}")
-        print(save_figure(fig, out / f"{metric}.png", close=True))
+    for path in save_run_plots(run_dir, out).values():
+        print(path)
     return 0
 
 

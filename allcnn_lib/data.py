@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 import shutil
@@ -68,19 +67,6 @@ def portable_path(path: str | os.PathLike) -> str:
         if resolved.is_relative_to(root):
             return f"{prefix}{resolved.relative_to(root)}".removesuffix("/.")
     return str(path)
-
-
-def portable_config(config: dict) -> dict:
-    """A copy of a run's ``config.json`` with its paths as ``portable_path`` writes them."""
-    from allcnn_lib.runs import PATH_FIELDS
-
-    config = json.loads(json.dumps(config))
-    for key in PATH_FIELDS:
-        if config.get(key):
-            config[key] = portable_path(config[key])
-    if (config.get("run") or {}).get("data_source"):
-        config["run"]["data_source"] = portable_path(config["run"]["data_source"])
-    return config
 
 
 @dataclass

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from allcnn_lib.data import CLASS_NAMES
 from allcnn_lib.models import build_model
-from allcnn_lib.preprocessing import tf_shift_flip
+from allcnn_lib.preprocessing import load_or_fit_preprocess, scale_to_unit, tf_shift_flip
 from allcnn_lib.runs import (
     MODEL_NAMES,
     NETWORK_DEFAULTS,
@@ -31,7 +31,7 @@ from allcnn_lib.runs import (
     model_summary,
     read_weights_summary,
 )
-from allcnn_lib.training import load_or_fit_preprocess, make_dataset, scale_to_unit
+from allcnn_lib.training import make_dataset
 
 __all__ = ["EvaluationResult", "WeightsMismatchError", "confusion_matrix", "evaluate",
            "load_trained_model", "predict_probabilities", "run_preprocess", "tta_views"]

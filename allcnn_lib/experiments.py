@@ -205,31 +205,42 @@ def summary_table(epochs, keys: Sequence[str] | None = None):
     return pd.DataFrame(rows)
 
 
+def config_colour(key: str) -> str:
+    """The colour of configuration ``key`` in every figure: black for the recipe (``baseline``),
+    else a tab10 colour by its place in its experiment."""
+    if key == "baseline":
+        return "black"
+    experiment = next(v for v in EXPERIMENTS.values() if key in v)
+    return f"C{[k for k in experiment if k != 'baseline'].index(key) % 10}"
+
+
 def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window: int = 100):
     """Training loss and accuracy (trailing means of ``window`` batches, from the first full
-    window on) and validation accuracy: the mean over seeds with a band of +-1 std."""
+    window on) and validation accuracy: one line per run, a colour per configuration
+    (``config_colour``), solid for seed 0, dashed for seed 1, dotted for seed 2."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    b = batches[batches["config"].isin(keys)].sort_values(["config", "seed", "step"])
-    for column in ("loss", "accuracy"):
-        b[f"{column}_smoothed"] = b.groupby(["config", "seed"])[column].transform(
-            lambda s: s.rolling(window, min_periods=1).mean())
-    b = b[b["step"] >= window - 1]
-    e = epochs[epochs["config"].isin(keys)]
-    order = [CONFIGS[k].label for k in keys if k in set(b["config"])]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (frame, x, y, ylabel) in zip(axes, (
-            (b, "step", "loss_smoothed", f"training loss (mean of {window} batches)"),
-            (b, "step", "accuracy_smoothed", f"training accuracy (mean of {window} batches)"),
-            (e, "batches", "val_accuracy", "validation accuracy")), strict=True):
-        sns.lineplot(data=frame, x=x, y=y, hue="label", hue_order=order, errorbar="sd",
-                     ax=ax, legend=ax is axes[2], marker="o" if frame is e else None)
-        ax.set_xlabel("training batches (of 32 images)")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for key in keys:
+        for seed, run in batches[batches["config"] == key].groupby("seed"):
+            style = {"color": config_colour(key), "ls": ("-", "--", ":")[int(seed) % 3],
+                     "lw": 1.3}
+            run = run.sort_values("step")
+            for ax, column in zip(axes[:2], ("loss", "accuracy"), strict=True):
+                smooth = run[column].rolling(window).mean()  # NaN before the first full window
+                ax.plot(run["step"][window - 1:], smooth[window - 1:], **style)
+            val = epochs[(epochs["config"] == key) & (epochs["seed"] == seed)]
+            axes[2].plot(val["batches"], val["val_accuracy"], marker="o", ms=3, **style,
+                         label=f"{CONFIGS[key].label}, seed {seed}")
+    for ax, ylabel in zip(axes, (f"training loss (mean of {window} batches)",
+                                 f"training accuracy (mean of {window} batches)",
+                                 "validation accuracy"), strict=True):
+        ax.set_xlabel(f"training batches (of {BATCH_SIZE} images)")
         ax.set_ylabel(ylabel)
-    axes[2].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{title}: mean over seeds, band = +-1 std")
-    fig.tight_layout()
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", fontsize=9,
+               ncol=min(4, 2 * len(keys)), frameon=False)
+    fig.suptitle(f"{title}: one line per run (solid seed 0, dashed seed 1)")
+    fig.tight_layout(rect=(0, 0.06 * (1 + (2 * len(keys) - 1) // 4), 1, 1))
     return fig
 
 

@@ -1,5 +1,6 @@
-"""Every figure of the notebooks and the command line (matplotlib and seaborn). Each function
-draws one titled figure with labelled axes and returns it; ``save_figure`` writes a PNG."""
+"""The figures that several notebooks or the command line draw (matplotlib and seaborn); a
+figure that one notebook alone draws is drawn there. Each function draws one titled figure with
+labelled axes and returns it; ``save_figure`` writes a PNG."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from allcnn_lib.runs import read_columns
+from allcnn_lib.runs import BATCHES_CSV, HISTORY_CSV, read_columns
 
 # --------------------------------------------------------------------------- images
 
@@ -53,35 +54,6 @@ def image_grid(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str
         fig.suptitle(title)
     fig.tight_layout(h_pad=0.2, w_pad=0.2)
     return fig
-
-
-def image_table(rows: Mapping[str, Sequence[np.ndarray]], column_titles: Sequence[str], *,
-                title: str = "", size: float = 1.5) -> Figure:
-    """One row of images per entry of ``rows`` (its label on the left), ``column_titles``
-    above the first row (uint8 HWC, or floats in [0, 1])."""
-    fig, axes = plt.subplots(len(rows), len(column_titles), squeeze=False,
-                             figsize=(size * len(column_titles) + 1.2, size * len(rows) + 0.5))
-    for i, (label, images) in enumerate(rows.items()):
-        for ax, image in zip(axes[i], images, strict=False):
-            _show(ax, image)
-        axes[i, 0].set_ylabel(label, fontsize=9)
-    for ax, column in zip(axes[0], column_titles, strict=True):
-        ax.set_title(column, fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(h_pad=0.3, w_pad=0.2)
-    return fig
-
-
-def tile_images(images: np.ndarray, columns: int) -> np.ndarray:
-    """``(N, h, w, c)`` images in [0, 1] as one mosaic of ``columns`` per row, white lines of
-    one pixel between them (for many small images, such as first-layer filters)."""
-    n, h, w, c = images.shape
-    mosaic = np.ones((-(-n // columns) * (h + 1) + 1, columns * (w + 1) + 1, c))
-    for i, image in enumerate(images):
-        top, left = 1 + (i // columns) * (h + 1), 1 + (i % columns) * (w + 1)
-        mosaic[top:top + h, left:left + w] = image
-    return mosaic
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -195,78 +167,17 @@ def save_run_plots(run_dir: str | os.PathLike,
     """Draw ``accuracy.png`` and ``loss.png`` of a run folder into ``out_dir`` (default: the
     run folder) from its ``history.csv`` and ``batches.csv``."""
     run_dir = Path(run_dir)
-    history = read_columns(run_dir / "history.csv")
+    history = read_columns(run_dir / HISTORY_CSV)
     if not history:
         raise FileNotFoundError(f"{run_dir}: no history.csv (not a training run folder?)")
-    batches = read_columns(run_dir / "batches.csv") or None
+    batches = read_columns(run_dir / BATCHES_CSV) or None
     return {metric: save_figure(training_curves(history, metric, batches=batches,
                                                 title=f"{run_dir.name}: {metric}"),
                                 Path(out_dir or run_dir) / f"{metric}.png", close=True)
             for metric in ("accuracy", "loss")}
 
 
-# --------------------------------------------------------------------------- architectures
-
-#: The nine layer slots of Tables 1 and 2: All-CNN-C's conv3 and conv6 stand where Model-C pools.
-LAYER_SLOTS = (("conv1",), ("conv2",), ("conv3", "pool1"), ("conv4",), ("conv5",),
-               ("conv6", "pool2"), ("conv7",), ("conv8",), ("conv9",))
-
-
-def _by_slot(table: pd.DataFrame, column: str) -> list:
-    """``table[column]`` (a ``layer_table``) per layer slot; None where the network has none."""
-    found = [[n for n in slot if n in table.index] for slot in LAYER_SLOTS]
-    return [table.loc[names[0], column] if names else None for names in found]
-
-
-def _slot_ticks(ax, **kwargs) -> None:
-    ax.set_xticks(range(len(LAYER_SLOTS)), [" / ".join(s) for s in LAYER_SLOTS], **kwargs)
-
-
-def plot_layer_costs(tables: Mapping[str, pd.DataFrame], *,
-                     title: str = "Parameters and MACs per layer") -> Figure:
-    """Grouped bars per layer slot, one per network (label -> ``layer_table``): parameters
-    (top) and forward MACs per image (bottom); no bar where a network lacks the layer."""
-    x, width = np.arange(len(LAYER_SLOTS)), 0.8 / max(len(tables), 1)
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6.4), sharex=True)
-    for i, (name, table) in enumerate(tables.items()):
-        for ax, column, scale in ((axes[0], "parameters", 1e3), (axes[1], "macs", 1e6)):
-            values = [0.0 if v is None else v / scale for v in _by_slot(table, column)]
-            ax.bar(x + (i - (len(tables) - 1) / 2) * width, values, width, label=name)
-    axes[0].set(ylabel="parameters (thousands)", title="Parameters per layer")
-    axes[1].set(ylabel="forward MACs per image (millions)",
-                title="Multiply-accumulates per layer (one 32 x 32 image)",
-                xlabel="layer (All-CNN-C numbering; Model-C pools at conv3 and conv6)")
-    _slot_ticks(axes[1], rotation=20)
-    axes[0].legend(title="network", loc="upper left")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_receptive_fields(tables: Mapping[str, pd.DataFrame], *, image_size: int = 32,
-                          title: str = "Receptive field and feature-map size") -> Figure:
-    """Per network (label -> ``layer_table``): the receptive field side after each layer slot
-    with the image side dashed (left), and the feature-map side (right). Coinciding curves
-    stay visible: the first is wide and pale, later ones thinner and dashed."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for i, (name, table) in enumerate(tables.items()):
-        style = {"lw": 6 if i == 0 else 2, "ms": 12 if i == 0 else 6, "marker": "osD^"[i % 4],
-                 "ls": ("-", "-", "--", ":")[i % 4], "alpha": 0.45 if i == 0 else 1.0}
-        rf, shapes = _by_slot(table, "receptive_field"), _by_slot(table, "output_shape")
-        keep = [j for j, v in enumerate(rf) if v is not None]
-        axes[0].plot(keep, [rf[j] for j in keep], label=name, **style)
-        axes[1].plot(keep, [shapes[j][0] for j in keep], label=name, **style)
-    axes[0].axhline(image_size, color="0.4", ls="--", lw=1, label=f"image ({image_size} px)")
-    axes[0].set(ylabel="receptive field side (pixels)", title="Receptive field of one unit")
-    axes[1].set(ylabel="feature-map side (units)", title="Spatial size of the output")
-    for ax in axes:
-        _slot_ticks(ax, rotation=35, ha="right")
-        ax.set_xlabel("layer")
-        ax.legend(title="network")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
+# --------------------------------------------------------------------------- class maps
 
 def plot_class_maps(maps: np.ndarray, class_names: Sequence[str], *,
                     title: str = "Class maps and their global averages") -> Figure:
@@ -342,16 +253,3 @@ def layer_stats_figure(stats: Mapping[str, Mapping[str, float]], *, title: str, 
     return fig
 
 
-def weight_histograms(samples: Mapping[str, np.ndarray], *, title: str,
-                      xlabel: str = "weight value") -> Figure:
-    """Overlaid density histograms of sampled kernels (label -> weights), stds in the legend."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    limit = max(float(np.max(np.abs(w))) for w in samples.values())
-    for label, w in samples.items():
-        w = np.ravel(w)
-        ax.hist(w, bins=np.linspace(-limit, limit, 121), density=True, histtype="step",
-                lw=1.5, label=f"{label} (std {w.std():.4f})")
-    ax.set(xlabel=xlabel, ylabel="density (1 / weight unit)", title=title)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    return fig

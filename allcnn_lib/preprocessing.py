@@ -9,12 +9,17 @@ on the training set; with augmentation "horizontal flips and translations"
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
+
+from allcnn_lib import runs
+
+Preprocess = Callable[[tf.Tensor], tf.Tensor]
 
 #: pylearn2 ``CIFAR10(gcn=55.)``: every image gets L2 norm 55, a per-value RMS of ~0.99.
 PAPER_GCN_SCALE = 55.0
@@ -163,18 +168,11 @@ def _float_images(images: np.ndarray) -> np.ndarray:
 
 
 def _save(path: str | os.PathLike, kind: str, **arrays: Any) -> Path:
-    """``np.savez`` to a temporary file beside ``path``, then rename: never half-written."""
+    """``np.savez`` of ``arrays``, tagged ``kind``, written atomically (``runs.atomic_path``)."""
     path = Path(path)
     path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, format=np.array(f"allcnn.{kind}/1"), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with runs.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, format=np.array(f"allcnn.{kind}/1"), **arrays)
     return path
 
 
@@ -195,12 +193,66 @@ def _load(path: str | os.PathLike, kind: str, keys: tuple[str, ...]) -> dict[str
     return arrays
 
 
+# --------------------------------------------------------------------------- in the pipeline
+
+
+def scale_to_unit(images: tf.Tensor) -> tf.Tensor:
+    """uint8 images to float32 in [0, 1] (the default preprocessing)."""
+    return tf.cast(images, tf.float32) / 255.0
+
+
+def fit_zca(x_train: np.ndarray, epsilon: float, scale: float = PAPER_GCN_SCALE) -> ZCAWhitening:
+    """The paper's whitening (Sec. 3.2): GCN to an L2 norm of ``scale``, then ZCA with
+    ``epsilon`` added to the eigenvalues, fitted on the training images."""
+    return ZCAWhitening(epsilon=epsilon).fit(global_contrast_normalize(x_train, scale))
+
+
+def gcn_zca_preprocess(zca: ZCAWhitening, scale: float = PAPER_GCN_SCALE) -> Preprocess:
+    """``zca.transform(global_contrast_normalize(x, scale))`` in TensorFlow, for the pipeline."""
+    mean = tf.constant(np.asarray(zca.mean_, np.float32)[None, :])
+    w_t = tf.constant(np.asarray(zca.whitening_matrix_, np.float32).T)
+
+    def preprocess(images: tf.Tensor) -> tf.Tensor:
+        flat = tf.reshape(tf.cast(images, tf.float32), (tf.shape(images)[0], -1))
+        centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+        divisor = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=1, keepdims=True)) / scale
+        divisor = tf.where(divisor < 1e-8, tf.ones_like(divisor), divisor)  # as pylearn2
+        return tf.reshape(tf.matmul(centred / divisor - mean, w_t), tf.shape(images))
+
+    return preprocess
+
+
+def standardize_preprocess(standardizer: Standardizer) -> Preprocess:
+    """uint8 images to ``(x - mean) / std`` per channel with a fitted ``Standardizer``."""
+    mean = tf.constant(np.asarray(standardizer.mean_, np.float32))
+    std = tf.constant(np.asarray(standardizer.std_, np.float32))
+    return lambda images: (tf.cast(images, tf.float32) - mean) / std
+
+
+def load_or_fit_preprocess(config: Mapping[str, Any], run_dir: str | Path,
+                           x_train: np.ndarray | None = None) -> Preprocess:
+    """A run's input preprocessing (``config``: ``TrainConfig.to_dict()``): its ZCA or
+    standardization loaded from ``run_dir``, else fitted on ``x_train`` and saved there; /255
+    when it had neither."""
+    zca = config.get("zca")
+    if not (zca or config.get("normalize")):
+        return scale_to_unit
+    path = Path(run_dir) / (runs.ZCA_FILE if zca else runs.STANDARDIZER_FILE)
+    if path.is_file():
+        state = (ZCAWhitening if zca else Standardizer).load(path)
+    elif x_train is None:
+        what = "ZCA whitening" if zca else "per-channel standardization"
+        raise FileNotFoundError(f"{path}: the run used {what} but its {path.name} is missing")
+    else:
+        state = fit_zca(x_train, config["zca_epsilon"]) if zca else Standardizer().fit(x_train)
+        state.save(path)
+    return gcn_zca_preprocess(state) if zca else standardize_preprocess(state)
+
+
 def tf_shift_flip(images: Any, dy: Any, dx: Any, flips: Any, fill_value: float | str = 0) -> Any:
     """Flip each image of a batch left-right where ``flips``, then shift it: ``out[i, j] =
     src[i - dy, j - dx]``. The uncovered border gets ``fill_value``, or with ``"reflect"`` the
     image mirrored at its edge (a crop of the reflect-padded image, as in airbench)."""
-    import tensorflow as tf
-
     if isinstance(fill_value, str) and fill_value != "reflect":
         raise ValueError(f"fill_value must be a number or 'reflect', got {fill_value!r}")
     images = tf.convert_to_tensor(images)
@@ -225,8 +277,6 @@ def augment_dataset(dataset: Any, max_shift: int | float = 3, seed: int = 0,
     tuples ``(images, ...)``: flip with probability 1/2, then shift by ``dy``, ``dx`` uniform in
     [-s, s], ``s = max_shift`` pixels or a fraction of the side (0.1: 3 px on 32 x 32). Seeds
     from ``Dataset.random(seed)``: the same in every run, new in every epoch."""
-    import tensorflow as tf
-
     def apply(element: tuple, pair: Any) -> tuple:
         images = element[0]
         s = max_shift if isinstance(max_shift, int) else round(max_shift * images.shape[1])

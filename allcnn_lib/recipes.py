@@ -44,9 +44,12 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
 
 
 def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU in a few words, e.g. "AMD EPYC, 2 cores, AVX-512, AVX512_BF16"."""
+    """The CPU in a few words, e.g. "AMD EPYC, 2 cores, AVX-512, AVX512_BF16" (", AMX-BF16"
+    where it has Intel's matrix units, which oneDNN uses for bfloat16 convolutions)."""
     if (info := read_cpuinfo(cpuinfo)) is None:
         return f"{os.cpu_count()} cores"
     model, flags = info
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores, {isa}{', AVX512_BF16' * ('avx512_bf16' in flags)}"
+    extras = [name for flag, name in (("avx512_bf16", "AVX512_BF16"), ("amx_bf16", "AMX-BF16"))
+              if flag in flags]
+    return ", ".join([model, f"{os.cpu_count()} cores", isa, *extras])

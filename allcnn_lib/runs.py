@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from allcnn_lib.data import portable_path
 from allcnn_lib.recipes import RECIPES
 
 CONFIG_JSON = "config.json"
@@ -140,6 +141,17 @@ class TrainConfig:
         for volatile in ("verbose", "backup_dir", "runs_dir", "data_dir", "initial_weights"):
             d.pop(volatile)
         return {**d, "run_dir": str(self.run_dir.resolve())}
+
+
+def portable_config(config: dict) -> dict:
+    """A copy of a run's ``config.json`` with its paths as ``portable_path`` writes them."""
+    config = json.loads(json.dumps(config))
+    for key in PATH_FIELDS:
+        if config.get(key):
+            config[key] = portable_path(config[key])
+    if (config.get("run") or {}).get("data_source"):
+        config["run"]["data_source"] = portable_path(config["run"]["data_source"])
+    return config
 
 
 #: The settings that choose the network, with ``TrainConfig``'s defaults.

@@ -3,7 +3,7 @@
 ``train(TrainConfig(...))`` writes one run folder (``allcnn_lib.runs``), every file atomically;
 an epoch with a NaN loss or weight is never saved. A run killed mid-epoch and started again
 resumes from its last completed epoch with the losses of an uninterrupted run (CPU): the backup
-keeps the dropout seeds, and ``fast_forward`` brings back the data order.
+keeps the dropout seeds, and the endless input stream skips the batches already seen.
 
 The seed's Keras-2 ``SGD(lr=0.01, decay=1e-6)`` is ``make_optimizer("sgd", schedule="seed")``:
 lr_k = 0.01 / (1 + 1e-6 k).
@@ -28,19 +28,16 @@ import numpy as np
 import tensorflow as tf
 
 from allcnn_lib import runs
-from allcnn_lib.data import CIFAR10, load_cifar10, portable_config
+from allcnn_lib.data import CIFAR10, load_cifar10
 from allcnn_lib.initializers import lsuv, whiten_first_conv
 from allcnn_lib.models import build_model
 from allcnn_lib.preprocessing import (
-    PAPER_GCN_SCALE,
-    Standardizer,
-    ZCAWhitening,
+    Preprocess,
     augment_dataset,
-    global_contrast_normalize,
+    load_or_fit_preprocess,
+    scale_to_unit,
 )
 from allcnn_lib.runs import TrainConfig
-
-Preprocess = Callable[[tf.Tensor], tf.Tensor]
 
 PAPER_DROP_EPOCHS, PAPER_EPOCHS = (200, 250, 300), 350  # Sec. 3.2: lr x0.1 after these epochs
 SEED_DECAY = 1e-6  # Keras 2's ``decay`` of the seed's SGD
@@ -150,11 +147,6 @@ def current_learning_rate(optimizer: keras.optimizers.Optimizer, step: int | Non
 # --------------------------------------------------------------------------- input pipeline
 
 
-def scale_to_unit(images: tf.Tensor) -> tf.Tensor:
-    """uint8 images to float32 in [0, 1] (the default preprocessing)."""
-    return tf.cast(images, tf.float32) / 255.0
-
-
 def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 128, *,
                  training: bool = False, augment: bool = False, seed: int = 0,
                  preprocess: Preprocess | None = None, num_classes: int | None = None,
@@ -189,54 +181,6 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.prefetch(2).with_options(options)
-
-
-def fit_zca(x_train: np.ndarray, epsilon: float, scale: float = PAPER_GCN_SCALE) -> ZCAWhitening:
-    """The paper's whitening (Sec. 3.2): GCN to an L2 norm of ``scale``, then ZCA with
-    ``epsilon`` added to the eigenvalues, fitted on the training images."""
-    return ZCAWhitening(epsilon=epsilon).fit(global_contrast_normalize(x_train, scale))
-
-
-def gcn_zca_preprocess(zca: ZCAWhitening, scale: float = PAPER_GCN_SCALE) -> Preprocess:
-    """``zca.transform(global_contrast_normalize(x, scale))`` in TensorFlow, for the pipeline."""
-    mean = tf.constant(np.asarray(zca.mean_, np.float32)[None, :])
-    w_t = tf.constant(np.asarray(zca.whitening_matrix_, np.float32).T)
-
-    def preprocess(images: tf.Tensor) -> tf.Tensor:
-        flat = tf.reshape(tf.cast(images, tf.float32), (tf.shape(images)[0], -1))
-        centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-        divisor = tf.sqrt(tf.reduce_sum(tf.square(centred), axis=1, keepdims=True)) / scale
-        divisor = tf.where(divisor < 1e-8, tf.ones_like(divisor), divisor)  # as pylearn2
-        return tf.reshape(tf.matmul(centred / divisor - mean, w_t), tf.shape(images))
-
-    return preprocess
-
-
-def standardize_preprocess(standardizer: Standardizer) -> Preprocess:
-    """uint8 images to ``(x - mean) / std`` per channel with a fitted ``Standardizer``."""
-    mean = tf.constant(np.asarray(standardizer.mean_, np.float32))
-    std = tf.constant(np.asarray(standardizer.std_, np.float32))
-    return lambda images: (tf.cast(images, tf.float32) - mean) / std
-
-
-def load_or_fit_preprocess(config: Mapping[str, Any], run_dir: str | Path,
-                           x_train: np.ndarray | None = None) -> Preprocess:
-    """A run's input preprocessing (``config``: ``TrainConfig.to_dict()``): its ZCA or
-    standardization loaded from ``run_dir``, else fitted on ``x_train`` and saved there; /255
-    when it had neither."""
-    zca = config.get("zca")
-    if not (zca or config.get("normalize")):
-        return scale_to_unit
-    path = Path(run_dir) / (runs.ZCA_FILE if zca else runs.STANDARDIZER_FILE)
-    if path.is_file():
-        state = (ZCAWhitening if zca else Standardizer).load(path)
-    elif x_train is None:
-        what = "ZCA whitening" if zca else "per-channel standardization"
-        raise FileNotFoundError(f"{path}: the run used {what} but its {path.name} is missing")
-    else:
-        state = fit_zca(x_train, config["zca_epsilon"]) if zca else Standardizer().fit(x_train)
-        state.save(path)
-    return gcn_zca_preprocess(state) if zca else standardize_preprocess(state)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -469,30 +413,6 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def fast_forward(dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, *,
-                 repeat: bool) -> tf.data.Dataset:
-    """The training pipeline as a run resumed after ``epochs`` epochs must see it: with the
-    uninterrupted run's shuffles and augmentations.
-
-    A finite pipeline draws new seeds with each iterator, and ``fit`` makes two per epoch:
-    Keras' (private) epoch iterator is walked through ``epochs`` epochs without reading a batch.
-    An endless one (``repeat``) skips the batches already seen. (Under ``mirrored`` the strategy
-    copies the pipeline: a resumed run reshuffles.)
-    """
-    if not epochs:
-        return dataset
-    if repeat:
-        return dataset.skip(epochs * steps_per_epoch)
-    from keras.src.backend.tensorflow.trainer import TFEpochIterator
-
-    walker = TFEpochIterator(x=dataset, distribute_strategy=tf.distribute.get_strategy(),
-                             steps_per_execution=1)
-    for _ in range(epochs):
-        for _ in walker:  # yields (step, step, iterator) without reading a batch
-            pass
-    return dataset
-
-
 def _prepare_backup(config: TrainConfig, overwrite: bool) -> tuple[Path, int]:
     """The backup folder and the epochs to resume from (0 with ``overwrite`` or when the
     backup belongs to other settings)."""
@@ -602,14 +522,13 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
             (run_dir / name).unlink(missing_ok=True)
     preprocess = load_or_fit_preprocess(config.to_dict(), run_dir, data.x_train)
     one_hot = len(data.class_names) if config.label_smoothing > 0 else None
-    repeat = config.steps_per_epoch is not None
     train_ds = make_dataset(data.x_train, data.y_train, config.batch_size, training=True,
                             augment=config.augment, seed=config.seed, preprocess=preprocess,
-                            num_classes=one_hot, repeat=repeat, max_shift=config.max_shift,
+                            num_classes=one_hot, repeat=True, max_shift=config.max_shift,
                             shift_fill=config.shift_fill)
     val_ds = (make_dataset(data.x_val, data.y_val, config.batch_size, preprocess=preprocess,
                            num_classes=one_hot) if len(data.y_val) else None)
-    steps_per_epoch = config.steps_per_epoch or int(train_ds.cardinality().numpy())
+    steps_per_epoch = config.steps_per_epoch or len(data.y_train) // config.batch_size
 
     previous_policy = keras.config.dtype_policy()
     if config.mixed_precision:
@@ -628,7 +547,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
                                       preprocess=preprocess)
             if config.initial_weights:
                 runs.load_weights(model, config.initial_weights)
-        meta = {**portable_config(config.to_dict()), "run": {
+        meta = {**runs.portable_config(config.to_dict()), "run": {
             "model": model.name, "params": int(model.count_params()),
             "data_source": data.source, "is_sample": bool(data.is_sample),
             "train_images": int(len(data.y_train)), "validation_images": int(len(data.y_val)),
@@ -645,9 +564,11 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
                                   best_so_far=runs.best_epoch(earlier)[1])
         checkpoints = next(c for c in callbacks if isinstance(c, Checkpoints))
         try:
-            model.fit(fast_forward(train_ds, initial_epoch, steps_per_epoch, repeat=repeat),
-                      validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                      steps_per_epoch=config.steps_per_epoch, verbose=1 if verbose else 0,
+            # One endless stream: a resumed run skips the batches it has seen (same order,
+            # shifts and flips as without the interruption).
+            model.fit(train_ds.skip(initial_epoch * steps_per_epoch), validation_data=val_ds,
+                      epochs=config.epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=steps_per_epoch, verbose=1 if verbose else 0,
                       callbacks=callbacks, shuffle=False)
         except KeyboardInterrupt:
             _record_status(run_dir, meta, "interrupted")

@@ -1,6 +1,7 @@
 """Time LSUV (Mishkin & Matas 2015, Algorithm 1) on All-CNN-C: ``allcnn_lib.initializers.lsuv``
 against ``lsuv_seed_rebuild``, the seed repository's approach (a new probe model and a
-``predict`` from the input image on every iteration of every layer).
+``predict`` from the input image on every iteration of every layer), written here as in
+notebook 03.
 
     .venv/bin/python benchmarks/bench_lsuv.py [--images 256] [--repeats 3] [--seed-repeats 3]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,11 +30,53 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from allcnn_lib.data import load_cifar10  # noqa: E402
-from allcnn_lib.initializers import lsuv, lsuv_seed_rebuild, lsuv_table  # noqa: E402
+from allcnn_lib.initializers import lsuv  # noqa: E402
 from allcnn_lib.models import all_cnn_c  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lsuv.json"
 TARGET_S = 2.0  # the goal for ours on the 2-core development machine
+
+
+def seed_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
+    """The seed's (and LSUV-keras') ``svd_orthonormal``: it flattens to ``(shape[0], rest)``,
+    right for Theano's (cout, cin, kh, kw) kernels, wrong for Keras' (kh, kw, cin, cout)."""
+    flat_shape = (shape[0], math.prod(shape[1:]))
+    u, _, v = np.linalg.svd(rng.standard_normal(flat_shape), full_matrices=False)
+    return (u if u.shape == flat_shape else v).reshape(shape).astype(np.float32)
+
+
+def lsuv_seed_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
+                      seed: int | None = None) -> dict[str, dict[str, float]]:
+    """The seed repository's LSUV (after LSUV-keras), slow by design: it skips layers with fewer
+    than 32 outputs per image, pre-initializes with ``seed_orthonormal``, and builds a new model
+    and calls ``predict`` to measure Var on every iteration. Returns ``lsuv``'s report."""
+    rng = np.random.default_rng(seed)
+    report = {}
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) \
+                or math.prod(layer.output.shape[1:]) < 32:
+            continue
+        layer.kernel.assign(seed_orthonormal(layer.kernel.shape, rng))
+        probe = keras.Model(model.inputs, layer.output)
+        var = var_before = float(np.var(probe.predict(batch, verbose=0)))
+        iterations, scale = 0, 1.0
+        while abs(var - 1.0) > tol_var and iterations < t_max and math.sqrt(var) >= 1e-7:
+            layer.kernel.assign(layer.kernel / math.sqrt(var))
+            scale, iterations = scale / math.sqrt(var), iterations + 1
+            probe = keras.Model(model.inputs, layer.output)  # rebuilt, as the seed does
+            var = float(np.var(probe.predict(batch, verbose=0)))
+        report[layer.name] = {"var_before": var_before, "var_after": var,
+                              "iterations": iterations, "scale": scale}
+    return report
+
+
+def lsuv_table(report: dict[str, dict[str, float]]) -> str:
+    """An aligned text table of an ``lsuv`` report, one line per layer."""
+    lines = [f"{'layer':8s} {'Var before':>10s} {'Var after':>10s} {'divisions':>9s} "
+             f"{'scale':>7s}"]
+    lines += [f"{name:8s} {r['var_before']:10.4g} {r['var_after']:10.4f} "
+              f"{r['iterations']:9d} {r['scale']:7.4g}" for name, r in report.items()]
+    return "\n".join(lines)
 
 
 def real_batch(images: int) -> tuple[np.ndarray, str]:

@@ -169,8 +169,7 @@ def _keras_child(variant: str, batches: list[int], steps: int, warmup: int, thre
     """Steady-state images/s of the recipe path (``variant`` recipe or recipe-stock-bn)."""
     _keras_setup(variant, policy, threads)
 
-    from allcnn_lib.preprocessing import Standardizer
-    from allcnn_lib.training import standardize_preprocess
+    from allcnn_lib.preprocessing import Standardizer, standardize_preprocess
 
     x, y, _, _, source = _data(max(images, max(batches)))
     preprocess = standardize_preprocess(Standardizer().fit(x))
@@ -324,8 +323,8 @@ def _epoch_child(batch: int, images: int, val_images: int, threads: int, policy:
                  ) -> dict:
     """One whole epoch of the recipe through ``model.fit``, with its breakdown."""
     _keras_setup("recipe", policy, threads)
-    from allcnn_lib.preprocessing import Standardizer
-    from allcnn_lib.training import make_dataset, standardize_preprocess
+    from allcnn_lib.preprocessing import Standardizer, standardize_preprocess
+    from allcnn_lib.training import make_dataset
 
     x, y, xv, yv, source = _data(images, val_images)
     preprocess = standardize_preprocess(Standardizer().fit(x))

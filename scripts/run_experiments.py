@@ -43,7 +43,7 @@ def copy_results(run_dir: Path, target: Path) -> None:
     for name in ex.RESULT_FILES + ((ex.TEST_FILE,) if (run_dir / ex.TEST_FILE).is_file()
                                    else ()):
         shutil.copy2(run_dir / name, tmp / name)
-    from allcnn_lib.data import portable_config
+    from allcnn_lib.runs import portable_config
 
     config = json.loads((tmp / "config.json").read_text())
     (tmp / "config.json").write_text(json.dumps(portable_config(config), indent=2))

@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the run trained on the shipped sample; the final model must come from "
               "the full CIFAR-10", file=sys.stderr)
         return 1
-    from allcnn_lib.data import load_cifar10, md5sum, portable_config
+    from allcnn_lib.data import load_cifar10, md5sum
     from allcnn_lib.evaluation import evaluate, load_trained_model, run_preprocess
     from allcnn_lib.recipes import cpu_description
-    from allcnn_lib.runs import read_columns
+    from allcnn_lib.runs import portable_config, read_columns
 
     # Check the data before writing anything, so that a refusal leaves --out as it was.
     data = load_cifar10(validation_size=0, verbose=False)

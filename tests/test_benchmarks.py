@@ -15,6 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import bench_lsuv  # noqa: E402
 import bench_peak  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_recipe  # noqa: E402
@@ -171,6 +172,25 @@ def test_conv_macs_counts_all_cnn_c():
     macs = common.conv_macs(build_model("allcnn", batch_norm=True, dropout=False))
     assert macs == 270_798_336
     assert round(6 * macs / 1e9, 2) == common.TRAIN_GFLOP_PER_IMAGE
+
+
+
+def test_bench_lsuv_seed_loop_skips_small_layers_and_keeps_the_layout_bug():
+    """The benchmark's baseline, the seed's LSUV loop (notebook 03 writes the same code)."""
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.ReLU()(keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="dense")(x))
+    batch = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype("float32")
+    report = bench_lsuv.lsuv_seed_rebuild(model, batch, seed=0)
+    assert list(report) == ["c1"]  # dense: 10 outputs < 32, skipped as in LSUV-keras
+    assert abs(report["c1"]["var_after"] - 1) <= 0.1
+    assert bench_lsuv.lsuv_table(report).splitlines()[1].startswith("c1")
+    w = bench_lsuv.seed_orthonormal((3, 3, 8, 16), np.random.default_rng(0)).reshape(-1, 16)
+    assert np.abs(w.T @ w - np.eye(16)).max() > 0.5  # channels last: filters not orthonormal
 
 
 def _conv_rows(seconds: float) -> list[dict]:

@@ -100,11 +100,13 @@ def test_results_summary_and_plot(tmp_path):
                              window=2)
     assert len(fig.axes) == 3
     assert fig.axes[2].get_ylabel() == "validation accuracy"
-    first_steps = [line.get_xdata().min() for ax in fig.axes[:2] for line in ax.lines
-                   if len(line.get_xdata())]
-    assert first_steps and min(first_steps) == 1  # window 2: from the first full window on
-    loss = [line.get_ydata()[0] for line in fig.axes[0].lines if len(line.get_ydata())]
-    assert loss and loss[0] == pytest.approx(1.95)  # the mean of steps 0 and 1: 2.0 and 1.9
+    assert len(fig.axes[2].lines) == 3  # one line per finished run: no mean over seeds
+    assert [line.get_linestyle() for line in fig.axes[2].lines] == ["-", "--", "-"]
+    colours = [line.get_color() for line in fig.axes[2].lines]
+    assert colours[:2] == ["black", "black"] and colours[2] == ex.config_colour("adam")
+    assert ex.config_colour("adam") != ex.config_colour("rmsprop")
+    assert min(line.get_xdata().min() for line in fig.axes[0].lines) == 1  # first full window
+    assert fig.axes[0].lines[0].get_ydata()[0] == pytest.approx(1.95)  # mean of 2.0 and 1.9
     assert all("batches" in ax.get_xlabel() for ax in fig.axes)
     import matplotlib.pyplot as plt
 
@@ -214,7 +216,7 @@ def test_recipe_tables_read_the_committed_runs(tmp_path):
 
 
 def test_committed_configs_record_portable_paths():
-    from allcnn_lib.data import portable_config
+    from allcnn_lib.runs import portable_config
 
     config = portable_config({"runs_dir": str(Path.home() / ".cache" / "runs"),
                               "data_dir": None, "run": {"data_source": str(ROOT / "data" / "x")}})

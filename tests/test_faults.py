@@ -33,7 +33,10 @@ LIMIT, BATCH, EPOCHS = 100, 32, 2
 
 
 def train_args(run_id: str, root: Path, *extra: object, epochs: int = EPOCHS) -> list[str]:
-    return cli_train_args(run_id, root, *extra, epochs=epochs, limit=LIMIT)
+    # 6 batches an epoch of the endless stream: the last epoch lasts long enough for a signal
+    # sent after its first batch to land inside it
+    return cli_train_args(run_id, root, "--steps-per-epoch", 6, *extra, epochs=epochs,
+                          limit=LIMIT)
 
 
 def status(run_dir: Path) -> str:

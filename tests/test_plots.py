@@ -7,14 +7,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from allcnn_lib import plots  # noqa: E402
-from allcnn_lib.analysis import layer_table  # noqa: E402
-from allcnn_lib.models import build_model  # noqa: E402
 
 NAMES = [f"class {i}" for i in range(10)]
 
@@ -23,21 +20,6 @@ NAMES = [f"class {i}" for i in range(10)]
 def _close_figures():
     yield
     plt.close("all")
-
-
-def test_plot_layer_costs_and_receptive_fields():
-    keras.utils.set_random_seed(0)
-    tables = {arch: layer_table(build_model(arch)) for arch in ("modelc", "strided", "allcnn")}
-    fig = plots.plot_layer_costs(tables)
-    assert fig._suptitle.get_text() and all(ax.get_title() and ax.get_ylabel() for ax in fig.axes)
-    bars = fig.axes[0].containers
-    assert len(bars) == 3 and all(len(b) == len(plots.LAYER_SLOTS) for b in bars)
-    # Strided-CNN-C has no conv3 / conv6: its bars there are empty
-    assert bars[1][2].get_height() == 0 and bars[1][5].get_height() == 0
-    assert bars[2][0].get_height() == pytest.approx((9 * 3 * 96 + 96) / 1e3)
-    fig = plots.plot_receptive_fields(tables)
-    assert all(ax.get_title() and ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
-    assert list(fig.axes[0].get_lines()[2].get_ydata()) == [3, 5, 7, 11, 15, 19, 27, 27, 27]
 
 
 def test_plot_class_maps_and_cams():
@@ -68,16 +50,6 @@ def test_layer_stats_figure():
     assert axes[0].get_legend() is not None and axes[1].get_legend() is None
 
 
-def test_weight_histograms():
-    rng = np.random.default_rng(0)
-    fig = plots.weight_histograms({"a": rng.normal(0, 1, 1000), "b": rng.uniform(-1, 1, 1000)},
-                                  title="weights")
-    ax = fig.axes[0]
-    assert ax.get_title() == "weights" and ax.get_xlabel() and ax.get_ylabel()
-    assert len(ax.patches) == 2
-    assert [t.get_text()[:1] for t in ax.get_legend().get_texts()] == ["a", "b"]
-
-
 def test_data_figures(cifar_sample):
     x, y = cifar_sample.x_train, cifar_sample.y_train
     fig = plots.image_grid(x, y, NAMES, per_class=3, title="grid")
@@ -91,16 +63,9 @@ def test_data_figures(cifar_sample):
     assert len(shares) == 256 and shares.sum() == pytest.approx(100)
 
 
-def test_image_helpers():
-    images = np.random.default_rng(0).uniform(0, 1, (5, 3, 3, 3))
-    mosaic = plots.tile_images(images, columns=2)
-    assert mosaic.shape == (3 * 4 + 1, 2 * 4 + 1, 3)
-    np.testing.assert_array_equal(mosaic[1:4, 5:8], images[1])
+def test_heat_overlay():
     blended = plots.heat_overlay(np.zeros((4, 4, 3), np.uint8), np.arange(16.0).reshape(4, 4))
     assert blended.shape == (4, 4, 3) and 0 <= blended.min() and blended.max() <= 1
-    fig = plots.image_table({"a": list(images[:2]), "b": list(images[2:4])}, ["x", "y"])
-    assert len(fig.axes) == 4 and fig.axes[1].get_title() == "y"
-    assert fig.axes[2].get_ylabel() == "b"
 
 
 def test_save_run_plots(tmp_path):

@@ -16,13 +16,13 @@ from allcnn_lib import cli
 from allcnn_lib.evaluation import predict_probabilities, tta_views
 from allcnn_lib.initializers import patch_whitening_kernel, whiten_first_conv
 from allcnn_lib.models import ARCH_PARAM_COUNTS, build_model
-from allcnn_lib.recipes import RECIPES, cpu_has_bf16
+from allcnn_lib.preprocessing import standardize_preprocess
+from allcnn_lib.recipes import RECIPES, cpu_description, cpu_has_bf16
 from allcnn_lib.training import (
     TrainConfig,
     make_optimizer,
     make_schedule,
     recalibrate_batch_norm,
-    standardize_preprocess,
 )
 
 # --------------------------------------------------------------------------- one-cycle, EMA
@@ -164,6 +164,14 @@ def test_cpu_bf16_check_reads_the_flags(tmp_path):
     assert cpu_has_bf16(tmp_path / "missing") is None
 
 
+def test_cpu_description_names_the_model_and_the_bf16_units(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name : Xeon\nflags : avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_description(info).split(", ")[2:] == ["AVX-512", "AVX512_BF16", "AMX-BF16"]
+    info.write_text("model name : EPYC\nflags : avx2 fma\n")
+    assert cpu_description(info).startswith("EPYC, ") and cpu_description(info).endswith("AVX2")
+
+
 def test_mixed_precision_on_a_cpu_without_bf16_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(cli, "load_cifar10", lambda *a, **k: pytest.fail("loaded data"))
@@ -209,7 +217,7 @@ def test_recipe_run_records_its_settings_and_final_scores(recipe_run):
     assert config["whiten_init"] and config["ema"] and config["batch_norm"]
     assert config["mixed_precision"] == bool(cpu_has_bf16())
     final = config["run"]["final"]
-    assert final["bn_recalibration_batches"] == 5  # 360 training images: 5 batches of 64
+    assert final["bn_recalibration_batches"] == 20  # of the endless training stream (default)
     for key in ("val_accuracy", "val_accuracy_tta", "val_accuracy_ema_stale_bn"):
         assert 0.0 <= final[key] <= 1.0
     assert config["run"]["data_source"] == "data/cifar10_sample.npz"

@@ -181,7 +181,6 @@ def test_make_dataset_training_is_seeded_and_reshuffles(cifar_sample):
 
 
 def test_make_dataset_repeat_streams_every_image_once_per_pass(cifar_sample):
-    import tensorflow as tf
 
     x, y = cifar_sample.x_train[:40], cifar_sample.y_train[:40]
     ds = make_dataset(x, y, 16, training=True, augment=False, seed=1, repeat=True)
@@ -194,8 +193,7 @@ def test_make_dataset_repeat_streams_every_image_once_per_pass(cifar_sample):
 
 
 def test_standardize_preprocess_matches_the_standardizer(cifar_sample):
-    from allcnn_lib.preprocessing import Standardizer
-    from allcnn_lib.training import standardize_preprocess
+    from allcnn_lib.preprocessing import Standardizer, standardize_preprocess
 
     x = cifar_sample.x_train[:50]
     std = Standardizer().fit(cifar_sample.x_train[:500])
@@ -444,30 +442,6 @@ def test_backup_carries_the_dropout_seed_state(tmp_path):
                                   expected)
 
 
-def test_fast_forward_gives_the_epochs_data_of_an_uninterrupted_fit(cifar_sample):
-    """Issue 20, item 15: after ``fast_forward(k)``, ``fit``'s epoch k sees the batches (order,
-    shifts, flips) it would have seen without the interruption, finite or endless stream."""
-    from keras.src.backend.tensorflow.trainer import TFEpochIterator
-
-    x, y = cifar_sample.x_train[:96], cifar_sample.y_train[:96]
-
-    def epochs_seen(skip: int, steps: int | None) -> list[list[float]]:
-        ds = make_dataset(x, y, 32, training=True, augment=True, seed=3,
-                          repeat=steps is not None)
-        ds = training.fast_forward(ds, skip, 3, repeat=steps is not None)
-        walker = TFEpochIterator(x=ds, distribute_strategy=tf.distribute.get_strategy(),
-                                 steps_per_execution=1, steps_per_epoch=steps)
-        seen = []
-        for _ in range(3 - skip):
-            seen.append([float(np.asarray(next(it)[0]).sum()) for _, _, it in walker])
-        return seen
-
-    for steps in (None, 3):
-        whole = epochs_seen(0, steps)
-        assert whole[1] != whole[2]
-        assert epochs_seen(2, steps) == whole[2:]
-
-
 # --------------------------------------------------------------------------- logs
 
 
@@ -539,8 +513,7 @@ def test_training_curves_figure(tmp_path):
 
 
 def test_gcn_zca_in_the_pipeline_matches_the_numpy_reference(cifar_sample):
-    from allcnn_lib.preprocessing import ZCAWhitening, global_contrast_normalize
-    from allcnn_lib.training import gcn_zca_preprocess
+    from allcnn_lib.preprocessing import ZCAWhitening, gcn_zca_preprocess, global_contrast_normalize
 
     rng = np.random.default_rng(0)
     zca = ZCAWhitening(epsilon=0.1)  # a stand-in "fit": any mean and symmetric matrix will do
