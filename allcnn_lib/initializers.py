@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -47,7 +48,7 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
     then, while |Var(B) - 1| >= Tol_var and fewer than T_max divisions, its kernel is divided by
     √Var(B), B the layer's output. ``model`` must be a chain of layers, as in
     ``allcnn_lib.models``. Returns, per layer: Var(B) before and after, the number of divisions
-    and their product (scale).
+    and their product (scale). Warns (RuntimeWarning) where Var(B) is 0 or not finite.
     """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     previous = model.inputs[0] if len(model.inputs) == 1 else None
@@ -58,7 +59,7 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
         previous = layer.output
     orthonormal = keras.initializers.Orthogonal(seed=keras.random.SeedGenerator(seed))
     x = keras.ops.convert_to_tensor(np.asarray(batch, np.float32))
-    report = {}
+    report, variance = {}, lambda b: float(keras.ops.var(keras.ops.cast(b, "float32")))
     for layer in layers:
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             x = layer(x, training=False)
@@ -67,13 +68,16 @@ def lsuv(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
         if layer.bias is not None:
             layer.bias.assign(keras.ops.zeros(layer.bias.shape))
         x_in, x = x, layer(x, training=False)
-        var = var_before = float(keras.ops.var(keras.ops.cast(x, "float32")))
+        var = var_before = variance(x)
         iterations, scale = 0, 1.0
         while abs(var - 1.0) >= tol_var and iterations < t_max and 0 < var < math.inf:
             layer.kernel.assign(layer.kernel / math.sqrt(var))
             scale, iterations = scale / math.sqrt(var), iterations + 1
             x = layer(x_in, training=False)
-            var = float(keras.ops.var(keras.ops.cast(x, "float32")))
+            var = variance(x)
+        if not 0 < var < math.inf:
+            warnings.warn(f"lsuv: {layer.name} outputs variance {var:g} on this batch (dead or "
+                          "overflowing); it was left there", RuntimeWarning, stacklevel=2)
         report[layer.name] = {"var_before": var_before, "var_after": var,
                               "iterations": iterations, "scale": scale}
     return report

@@ -17,7 +17,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -490,15 +490,16 @@ def _finish_run(config: TrainConfig, model: keras.Model, train_ds: tf.data.Datas
     return final
 
 
-def train(config: TrainConfig, data: CIFAR10 | None = None, *,
-          overwrite: bool = False) -> TrainResult:
+def train(config: TrainConfig, data: CIFAR10 | None = None, *, overwrite: bool = False,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
     """Train ``config.arch`` on CIFAR-10 into ``runs/<id>/`` (``allcnn_lib.runs``).
 
     ``data`` defaults to ``load_cifar10(config.data_dir, limit=config.limit, ...)``. Model
     selection uses the validation split, never the test split. Run again, it resumes from the
     last completed epoch (``overwrite``: start afresh). A diverged run stops at its first
     non-finite epoch, unsaved (``terminated_on_nan``); a full disk raises ``DiskFullError``;
-    Ctrl-C leaves ``status: interrupted`` in config.json.
+    Ctrl-C leaves ``status: interrupted`` in config.json. ``callbacks`` run before the
+    run's own (e.g. notebook 06's activation telemetry).
     """
     start = time.perf_counter()
     seed_everything(config.seed)
@@ -559,17 +560,17 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *,
 
         verbose = sys.stdout.isatty() if config.verbose is None else bool(config.verbose)
         earlier = runs.read_columns(run_dir / runs.HISTORY_CSV)  # earlier processes' epochs
-        callbacks = run_callbacks(run_dir, backup_dir, verbose=verbose,
-                                  monitor="val_accuracy" if val_ds is not None else "accuracy",
-                                  best_so_far=runs.best_epoch(earlier)[1])
-        checkpoints = next(c for c in callbacks if isinstance(c, Checkpoints))
+        own = run_callbacks(run_dir, backup_dir, verbose=verbose,
+                            monitor="val_accuracy" if val_ds is not None else "accuracy",
+                            best_so_far=runs.best_epoch(earlier)[1])
+        checkpoints = next(c for c in own if isinstance(c, Checkpoints))
         try:
             # One endless stream: a resumed run skips the batches it has seen (same order,
             # shifts and flips as without the interruption).
             model.fit(train_ds.skip(initial_epoch * steps_per_epoch), validation_data=val_ds,
                       epochs=config.epochs, initial_epoch=initial_epoch,
                       steps_per_epoch=steps_per_epoch, verbose=1 if verbose else 0,
-                      callbacks=callbacks, shuffle=False)
+                      callbacks=[*callbacks, *own], shuffle=False)
         except KeyboardInterrupt:
             _record_status(run_dir, meta, "interrupted")
             raise

@@ -142,7 +142,10 @@ def test_lsuv_batch_norm_and_mixed_precision(batches):
 
 def test_lsuv_leaves_a_dead_layer_unscaled_and_refuses_a_branching_model(batches):
     model = small_cnn(dead_after="c1")  # everything after c1 is multiplied by 0
-    report = lsuv(model, batches[0][:16], seed=0)
+    with pytest.warns(RuntimeWarning) as caught:  # one line per dead layer, c2 and after it
+        report = lsuv(model, batches[0][:16], seed=0)
+    assert [str(w.message).split()[1] for w in caught] == ["c2", "c3", "dense"]
+    assert "variance 0 on this batch (dead or overflowing)" in str(caught[0].message)
     assert report["c1"]["iterations"] == 1
     assert report["c2"]["iterations"] == 0 and report["c2"]["var_after"] == 0
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
