@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", nargs="+", default=list(ex.EXPERIMENTS),
                     choices=[*ex.EXPERIMENTS, *ex.RECIPE_EXPERIMENTS])
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(ex.SEEDS))
+    ap.add_argument("--seeds", nargs="+", type=int,
+                    help="run only these of each configuration's seeds (default: all)")
     ap.add_argument("--results", type=Path, default=ROOT / "results")
     ap.add_argument("--runs-dir", type=Path,
                     default=Path.home() / ".cache" / "allcnn" / "experiment_runs")
