@@ -75,6 +75,7 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
     Config("init_he_uniform_no_class_relu", "He uniform, no ReLU on conv9",
            ("--init", "he_uniform", "--class-relu", "0")),
     Config("adam_no_l2", "Adam without L2", ("--optimizer", "adam", "--weight-decay", "0")),
+    Config("adam_lr_1e-4", "Adam at lr 1e-4 (not 1e-3)", ("--optimizer", "adam", "--lr", "1e-4")),
     Config("rmsprop_no_l2", "RMSprop, rho 0.9, without L2",
            ("--optimizer", "rmsprop", "--weight-decay", "0")),
 )}
@@ -128,7 +129,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "regularization": ("baseline", "batch_norm", "batch_norm_dropout", "no_dropout"),
     "optimizers": ("baseline", "rmsprop_rho0", "rmsprop", "adam"),
     # The controls: the collapsed configuration, then the same without the suspected cause.
-    "l2_with_adaptive_steps": ("adam", "adam_no_l2", "rmsprop", "rmsprop_no_l2"),
+    "adaptive_steps": ("adam", "adam_no_l2", "adam_lr_1e-4", "rmsprop", "rmsprop_no_l2"),
     "lsuv_inputs": ("init_lsuv", "init_lsuv_normalize", "normalize"),
     "class_relu": ("init_lsuv", "init_lsuv_no_class_relu", "init_he_uniform",
                    "init_he_uniform_no_class_relu"),
@@ -229,12 +230,16 @@ def summary_table(epochs, keys: Sequence[str] | None = None):
 
 
 def config_colour(key: str) -> str:
-    """The colour of configuration ``key`` in every figure: black for the recipe (``baseline``),
-    else a tab10 colour by its place in its experiment."""
-    if key == "baseline":
-        return "black"
-    experiment = next(v for v in EXPERIMENTS.values() if key in v)
-    return f"C{[k for k in experiment if k != 'baseline'].index(key) % 10}"
+    """The colour of configuration ``key``, the same in every figure and unique within each
+    experiment: black for the recipe (``baseline``), else the first tab10 colour left free by
+    the configurations it shares an experiment with, in the order of ``EXPERIMENTS``."""
+    colours = {"baseline": "black"}
+    for keys in EXPERIMENTS.values():
+        for k in keys:
+            if k not in colours:
+                taken = {colours.get(o) for e in EXPERIMENTS.values() if k in e for o in e}
+                colours[k] = next(c for c in (f"C{i}" for i in range(10)) if c not in taken)
+    return colours[key]
 
 
 def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window: int = 100):
@@ -262,7 +267,7 @@ def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window:
         ax.set_ylabel(ylabel)
     fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", fontsize=9,
                ncol=min(4, 2 * len(keys)), frameon=False)
-    fig.suptitle(f"{title}: one line per run (solid seed 0, dashed seed 1)")
+    fig.suptitle(f"{title}: one line per run (seed 0 solid, 1 dashed, 2 dotted)")
     fig.tight_layout(rect=(0, 0.06 * (1 + (2 * len(keys) - 1) // 4), 1, 1))
     return fig
 

@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_grid_runs_each_configuration_once_per_seed():
     order = ex.run_order()
     keys = [(c.key, s) for c, s in order]
-    assert len(keys) == len(set(keys)) == len(ex.CONFIGS) * len(ex.SEEDS) == 30
+    assert len(keys) == len(set(keys)) == sum(len(c.seeds) for c in ex.CONFIGS.values()) == 44
     assert keys[:2] == [("baseline", 0), ("baseline", 1)]
+    # a third seed where the first two disagree; --seeds keeps only the given ones
+    assert [(c.key, s) for c, s in ex.run_order(seeds=[2])] == [("init_glorot_normal", 2),
+                                                               ("no_dropout", 2)]
+    assert {c.key for c, _ in ex.run_order(["class_relu"], seeds=[0])} == {
+        "init_lsuv", "init_lsuv_no_class_relu", "init_he_uniform",
+        "init_he_uniform_no_class_relu"}
     assert all(k in ex.CONFIGS for keys_ in ex.EXPERIMENTS.values() for k in keys_)
     assert ex.EPOCHS * ex.STEPS_PER_EPOCH == ex.BUDGET_BATCHES == 3000
     with pytest.raises(ValueError, match="unknown experiment"):
@@ -47,6 +53,12 @@ def test_grid_runs_each_configuration_once_per_seed():
     ("rmsprop_rho0", {"optimizer": "rmsprop", "rho": 0.0}),
     ("rmsprop", {"optimizer": "rmsprop", "rho": 0.9}),
     ("adam", {"optimizer": "adam"}),
+    ("init_lsuv_normalize", {"init": "lsuv", "normalize": True}),
+    ("init_lsuv_no_class_relu", {"init": "lsuv", "class_relu": False}),
+    ("init_he_uniform_no_class_relu", {"init": "he_uniform", "class_relu": False}),
+    ("adam_no_l2", {"optimizer": "adam", "weight_decay": 0.0}),
+    ("rmsprop_no_l2", {"optimizer": "rmsprop", "rho": 0.9, "weight_decay": 0.0}),
+    ("adam_lr_1e-4", {"optimizer": "adam", "learning_rate": 1e-4, "weight_decay": 5e-4}),
 ])
 def test_each_configuration_parses_to_its_settings(key, expected):
     args = cli.build_parser().parse_args(ex.CONFIGS[key].command(1, "runs"))
@@ -105,6 +117,8 @@ def test_results_summary_and_plot(tmp_path):
     colours = [line.get_color() for line in fig.axes[2].lines]
     assert colours[:2] == ["black", "black"] and colours[2] == ex.config_colour("adam")
     assert ex.config_colour("adam") != ex.config_colour("rmsprop")
+    for keys in ex.EXPERIMENTS.values():  # one colour per configuration, unique in its figures
+        assert len({ex.config_colour(k) for k in keys}) == len(keys)
     assert min(line.get_xdata().min() for line in fig.axes[0].lines) == 1  # first full window
     assert fig.axes[0].lines[0].get_ydata()[0] == pytest.approx(1.95)  # mean of 2.0 and 1.9
     assert all("batches" in ax.get_xlabel() for ax in fig.axes)
