@@ -2,7 +2,8 @@
 
 Each run is ``allcnn train`` with one setting changed from a reference.
 ``scripts/run_experiments.py`` runs a grid and copies each run's small files to
-``results/<config>/seed<k>/``; notebooks 08 and 10 read them back with the readers below.
+``results/<config>/seed<k>/``; notebooks 08 and 10 read them back with the readers below
+(notebook 08 plots them with its own ``plot_experiment``).
 """
 
 from __future__ import annotations
@@ -227,78 +228,6 @@ def summary_table(epochs, keys: Sequence[str] | None = None):
                          else float("nan"),
                          "per_seed": ", ".join(f"{v:.4f}" for v in values)})
     return pd.DataFrame(rows)
-
-
-def config_colour(key: str) -> str:
-    """The colour of configuration ``key``, the same in every figure and unique within each
-    experiment: black for the recipe (``baseline``), else the first tab10 colour left free by
-    the configurations it shares an experiment with, in the order of ``EXPERIMENTS``."""
-    colours = {"baseline": "black"}
-    for keys in EXPERIMENTS.values():
-        for k in keys:
-            if k not in colours:
-                taken = {colours.get(o) for e in EXPERIMENTS.values() if k in e for o in e}
-                colours[k] = next(c for c in (f"C{i}" for i in range(10)) if c not in taken)
-    return colours[key]
-
-
-def plot_experiment(batches, epochs, keys: Sequence[str], *, title: str, window: int = 100):
-    """Training loss and accuracy (trailing means of ``window`` batches, from the first full
-    window on) and validation accuracy: one line per run, a colour per configuration
-    (``config_colour``), solid for seed 0, dashed for seed 1, dotted for seed 2."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for key in keys:
-        for seed, run in batches[batches["config"] == key].groupby("seed"):
-            style = {"color": config_colour(key), "ls": ("-", "--", ":")[int(seed) % 3],
-                     "lw": 1.3}
-            run = run.sort_values("step")
-            for ax, column in zip(axes[:2], ("loss", "accuracy"), strict=True):
-                smooth = run[column].rolling(window).mean()  # NaN before the first full window
-                ax.plot(run["step"][window - 1:], smooth[window - 1:], **style)
-            val = epochs[(epochs["config"] == key) & (epochs["seed"] == seed)]
-            axes[2].plot(val["batches"], val["val_accuracy"], marker="o", ms=3, **style,
-                         label=f"{CONFIGS[key].label}, seed {seed}")
-    for ax, ylabel in zip(axes, (f"training loss (mean of {window} batches)",
-                                 f"training accuracy (mean of {window} batches)",
-                                 "validation accuracy"), strict=True):
-        ax.set_xlabel(f"training batches (of {BATCH_SIZE} images)")
-        ax.set_ylabel(ylabel)
-    fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", fontsize=9,
-               ncol=min(4, 2 * len(keys)), frameon=False)
-    fig.suptitle(f"{title}: one line per run (seed 0 solid, 1 dashed, 2 dotted)")
-    fig.tight_layout(rect=(0, 0.06 * (1 + (2 * len(keys) - 1) // 4), 1, 1))
-    return fig
-
-
-def train_briefly(x: np.ndarray, y: np.ndarray, *, optimizer: str = "sgd",
-                  init: str = "glorot_uniform", steps: int = 300, seed: int = 0,
-                  batch_size: int = BATCH_SIZE):
-    """All-CNN-C trained ``steps`` batches as the grid's runs train (shifts, flips, dropout,
-    ``optimizer`` at its default rate), to look inside a run, which keeps no weights.
-    Returns ``(model, last loss)``."""
-    import keras
-
-    from allcnn_lib.models import build_model
-    from allcnn_lib.training import (
-        base_initializer,
-        finish_initialization,
-        make_dataset,
-        make_optimizer,
-        seed_everything,
-    )
-
-    seed_everything(seed)
-    model = build_model("allcnn", initializer=base_initializer(init))
-    finish_initialization(model, init, x, seed=seed)
-    dataset = make_dataset(x, y, batch_size, training=True, augment=True, seed=seed)
-    model.compile(optimizer=make_optimizer(optimizer),
-                  loss=keras.losses.SparseCategoricalCrossentropy())
-    # shuffle=False: the dataset shuffles itself (Keras would warn that it ignores shuffle)
-    history = model.fit(dataset.repeat(), epochs=1, steps_per_epoch=steps, shuffle=False,
-                        verbose=0)
-    return model, float(history.history["loss"][-1])
 
 
 # --------------------------------------------------------------------------- the fast recipe
