@@ -14,9 +14,6 @@ from typing import Any
 #: shifts; mixed_bfloat16 where the CPU has AVX512_BF16. Not the EMA of the weights (``--ema``:
 #: -1.0 and -1.3 points in the ablation, results/recipe/full). Flags given win; every entry is
 #: also a flag of its own, off by default.
-#: Training images/s of the plain All-CNN-C in float32 at batch 128 on this project's 2-core
-#: AVX2-only CPU (docs/performance.md, Other machines): notebooks 06 and 10's AVX2 estimates.
-AVX2_IMAGES_PER_S = 55
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": {"batch_norm": True, "dropout": False, "optimizer": "sgd", "schedule": "onecycle",
              "learning_rate": 0.4, "batch_size": 512, "weight_decay": 2.5e-4,
@@ -24,6 +21,10 @@ RECIPES: dict[str, dict[str, Any]] = {
              "shift_fill": "reflect", "normalize": True, "whiten_init": True, "ema": False,
              "tta_flip": True, "tta_shift": 1, "mixed_precision": "auto", "epochs": 40},
 }
+
+#: Training images/s of the plain All-CNN-C in float32 at batch 128 on this project's 2-core
+#: AVX2-only CPU (docs/performance.md, Other machines): notebooks 06 and 10's AVX2 estimates.
+AVX2_IMAGES_PER_S = 55
 
 
 def read_cpuinfo(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, set[str]] | None:
