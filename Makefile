@@ -43,7 +43,7 @@ nbtest: $(SETUP_STAMP)  ## notebooks under nbval only (quick mode)
 	ALLCNN_QUICK=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks
 
 test: $(BACKENDS_STAMP) lint  ## THE test command: ruff, unit tests and nbval on every notebook, quick mode
-	ALLCNN_QUICK=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) tests notebooks
+	ALLCNN_QUICK=1 $(BIN)/python -m pytest -n 2 --dist loadscope $(NBVAL_FLAGS) tests notebooks
 
 run: $(SETUP_STAMP)  ## the main job: execute every notebook on the default data, render HTML under build/
 	$(BIN)/python scripts/run_notebooks.py --out build
@@ -75,9 +75,7 @@ evaluate: $(SETUP_STAMP)  ## the shipped final model (data/final_model) on the t
 	@cd $(FINAL_MODEL) 2>/dev/null && md5sum --quiet -c MD5SUMS 2>/dev/null || { \
 	  echo "error: $(FINAL_MODEL)/ is missing or its files do not match its MD5SUMS;" \
 	       "restore them with: git checkout -- $(FINAL_MODEL)" >&2; exit 1; }
-	@# oneDNN's fused conv+batch-norm+ReLU kernels: ~1.25x faster inference for this BN model
-	@# here (~56 s instead of ~69 s for the whole target).
-	TF_ENABLE_ONEDNN_OPTS=1 $(BIN)/python -m allcnn_lib evaluate \
+	$(BIN)/python -m allcnn_lib evaluate \
 	  --weights $(FINAL_MODEL)/model.weights.h5 --out build/evaluate/confusion_matrix.png
 
 clean:  ## remove build outputs (keeps .venv and data)

@@ -40,59 +40,12 @@ def image_row(images: Sequence[np.ndarray], captions: Sequence[str], *, title: s
     return fig
 
 
-def image_grid(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *,
-               per_class: int = 8, title: str = "") -> Figure:
-    """One row per class of ``per_class`` of its images, class names on the left."""
-    n = len(class_names)
-    fig, axes = plt.subplots(n, per_class, figsize=(per_class * 0.9, n * 0.95), squeeze=False)
-    for c in range(n):
-        idx = np.flatnonzero(labels == c)[:per_class]
-        axes[c, 0].set_ylabel(class_names[c], rotation=0, ha="right", va="center", fontsize=9)
-        for j, ax in enumerate(axes[c]):
-            _show(ax, images[idx[j]] if j < len(idx) else np.ones((1, 1, 3)))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(h_pad=0.2, w_pad=0.2)
-    return fig
-
-
 def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """``image`` (uint8 HWC) half and half with the colour-mapped ``heat`` (HW, scaled to
     [0, 1] here), as an RGB float image in [0, 1]."""
     heat = np.asarray(heat, np.float64) - np.min(heat)
     colours = plt.get_cmap("jet")(heat / heat.max() if heat.max() > 0 else heat)[..., :3]
     return 0.5 * np.asarray(image, np.float64) / 255.0 + 0.5 * colours
-
-
-# --------------------------------------------------------------------------- data
-
-
-def class_balance(splits: Mapping[str, np.ndarray], class_names: Sequence[str], *,
-                  title: str = "Images per class") -> Figure:
-    """Grouped bars: the number of images of each class in each split."""
-    counts = pd.DataFrame([(split, class_names[c], n) for split, labels in splits.items()
-                           for c, n in enumerate(np.bincount(labels, minlength=len(class_names)))],
-                          columns=["split", "class", "images"])
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    sns.barplot(counts, x="class", y="images", hue="split", ax=ax)
-    ax.set_title(title)
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
-
-
-def pixel_histograms(images: np.ndarray, *, title: str = "Pixel values") -> Figure:
-    """Histograms of the 8-bit values of each colour channel."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for channel, color in enumerate(("tab:red", "tab:green", "tab:blue")):
-        counts = np.bincount(images[..., channel].ravel(), minlength=256)
-        ax.plot(np.arange(256), counts / counts.sum() * 100, color=color, label="RGB"[channel])
-    ax.set(xlabel="pixel value (0-255)", ylabel="share of pixels (%)", xlim=(0, 255),
-           title=title)
-    ax.legend(title="channel")
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------- training runs
@@ -178,26 +131,6 @@ def save_run_plots(run_dir: str | os.PathLike,
 
 
 # --------------------------------------------------------------------------- class maps
-
-def plot_class_maps(maps: np.ndarray, class_names: Sequence[str], *,
-                    title: str = "Class maps and their global averages") -> Figure:
-    """One heat map per channel of an ``(h, w, classes)`` map, with its mean (the score that
-    global average pooling gives) under it."""
-    maps = np.asarray(maps, np.float64)
-    n = maps.shape[-1]
-    cols, rows = min(n, 5), -(-n // min(n, 5))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols + 0.8, 2.3 * rows), squeeze=False)
-    for c, ax in enumerate(axes.flat):
-        if c >= n:
-            ax.set_axis_off()
-            continue
-        _show(ax, maps[..., c], vmin=maps.min(), vmax=maps.max())
-        ax.set_title(f"{c}: {class_names[c]}", fontsize=9)
-        ax.set_xlabel(f"mean {maps[..., c].mean():.4f}", fontsize=9)
-    fig.colorbar(axes.flat[0].images[0], ax=axes, label="map value", shrink=0.8)
-    fig.suptitle(title)
-    return fig
-
 
 def plot_cams(images: np.ndarray, cams: np.ndarray, true_labels: Sequence[int],
               predicted: Sequence[int], class_names: Sequence[str], *,

@@ -13,8 +13,9 @@ Configurations (``--impls``):
   (shuffle, uint8 -> float, random shifts and flips, prefetch), per-batch times from a
   callback; inference is ``model.predict`` through ``make_dataset``.
 - ``ours-onednn``: the same with ``TF_ENABLE_ONEDNN_OPTS=1``. TensorFlow turns its oneDNN
-  kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; on this AVX2 machine they
-  are off (the other configurations keep TensorFlow's default).
+  kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; ``allcnn_lib`` sets the
+  variable to 1 unless it is set (since 2026-12-01), so ``ours`` has them on too and this row
+  equals it on every CPU; it is kept for the history's AVX2 rows, measured before.
 - ``torch-loop``: the same network written by hand in PyTorch (``channels_last`` memory format,
   input dropout 0.2, nine 3x3/1x1 convs with ReLU, dropout 0.5 after the two stride-2 convs,
   global average pooling, cross-entropy, SGD momentum 0.9 Nesterov, weight decay 1e-3 = Keras'

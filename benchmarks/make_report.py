@@ -165,7 +165,8 @@ def summary(folder: Path) -> dict[str, str]:
     speed, lsuv, zca, ev, run, rec = (load(n, folder) for n in
                                       ("speed", "lsuv", "zca", "eval", "run_all", "recipe"))
     rows = speed_rows(speed)
-    machine = (speed or {}).get("machine", {})
+    first = next((r for r in (speed, rec, load("peak", folder)) if r), {})  # a partial run too
+    machine = first.get("machine", {})
     flags = machine.get("flags", {})
 
     def ips(impl: str, mode: str, batch: int) -> str:
@@ -175,14 +176,19 @@ def summary(folder: Path) -> dict[str, str]:
     simd = ("AVX-512" + (" + BF16" if flags.get("avx512_bf16") else "")
             if flags.get("avx512f") else "AVX2+FMA" if flags.get("avx2") else "?")
     return {
-        "date": (speed or {}).get("date", "?")[:10],
+        "date": first.get("date", "?")[:10],
         "machine": f"{machine.get('model', '?')}, {machine.get('cpus', '?')} CPUs, {simd}",
         "ours / torch train b128": f"{ips('ours', 'train', 128)} / "
                                    f"{ips('torch-loop', 'train', 128)}",
         "ours / torch inference b256": f"{ips('ours', 'infer', 256)} / "
                                        f"{ips('torch-loop', 'infer', 256)}",
         "Keras-JAX train b128": ips("keras-jax", "train", 128),
-        "recipe / torch train b512 (BN, bf16)": recipe_ratio_text(rec, 512),
+        "recipe precision": (rec or {}).get("precision", "-"),
+        "recipe / torch train b256 (BN)": recipe_ratio_text(rec, 256),
+        "recipe / torch train b512 (BN)": recipe_ratio_text(rec, 512),
+        "recipe epoch s (45k + val.) / ideal": (
+            f"{rec['epoch']['fit_s']:.0f} / {rec['epoch']['ideal_s']:.0f}"
+            if (rec or {}).get("epoch", {}).get("ideal_s") else "-"),
         "LSUV s": f"{lsuv['median_seconds']['lsuv']:.2f}" if lsuv else "-",
         "ZCA fit s": (f"{min(r['median_wall_s'] for r in zca['fit']):.2f}" if zca else "-"),
         "evaluation s": f"{ev['median_s']:.1f}" if ev else "-",
