@@ -162,10 +162,11 @@ def machine_sentence(flags: dict) -> str:
 
 def summary(folder: Path) -> dict[str, str]:
     """The headline figures of one set of result files (the current one or a history folder)."""
-    speed, lsuv, zca, ev, run, rec = (load(n, folder) for n in
-                                      ("speed", "lsuv", "zca", "eval", "run_all", "recipe"))
+    speed, lsuv, zca, ev, run, rec, peak = (
+        load(n, folder) for n in ("speed", "lsuv", "zca", "eval", "run_all", "recipe", "peak"))
     rows = speed_rows(speed)
-    first = next((r for r in (speed, rec, load("peak", folder)) if r), {})  # a partial run too
+    # date and machine from the first file present: a partial run may lack speed.json
+    first = next((r for r in (speed, rec, peak) if r), {})
     machine = first.get("machine", {})
     flags = machine.get("flags", {})
 
