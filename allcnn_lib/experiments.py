@@ -2,20 +2,16 @@
 
 Each run is ``allcnn train`` with one setting changed from a reference.
 ``scripts/run_experiments.py`` runs a grid and copies each run's small files to
-``results/<config>/seed<k>/``; notebooks 08 and 10 read them back with the readers below
-(notebook 08 plots them with its own ``plot_experiment``).
+``results/<config>/seed<k>/``; notebooks 08 and 10 read them back and tabulate them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 #: The budget of the seed's README experiments: 3,000 batches of 32 images.
 BUDGET_BATCHES = 3000
@@ -179,124 +175,3 @@ def is_complete(folder: str | os.PathLike) -> bool:
     epochs_done = len(rows) - 1 >= int(config.get("epochs", EPOCHS))
     return ((status == "finished" and epochs_done) or status == "terminated_on_nan") and (
         folder / "batches.csv").is_file()
-
-
-def _finished(results: str | os.PathLike, keys: Sequence[str]
-              ) -> Iterator[tuple[str, int, Path, dict[str, Any]]]:
-    """(key, seed, folder, config.json) of each complete run under ``results/<key>/``."""
-    for key in keys:
-        for folder in sorted((Path(results) / key).glob("seed*")):
-            if is_complete(folder):
-                config = json.loads((folder / "config.json").read_text())
-                yield key, int(folder.name.removeprefix("seed")), folder, config
-
-
-BATCH_COLUMNS = ["config", "label", "seed", "step", "loss", "accuracy"]
-EPOCH_COLUMNS = ["config", "label", "seed", "epoch", "batches", "val_loss", "val_accuracy"]
-
-
-def load_results(results: str | os.PathLike, keys: Sequence[str] | None = None):
-    """The finished runs under ``results/`` as two pandas frames: ``batches`` (one row per
-    training batch, ``BATCH_COLUMNS``) and ``epochs`` (one row per validation)."""
-    import pandas as pd
-
-    batches, epochs = [pd.DataFrame(columns=BATCH_COLUMNS)], [pd.DataFrame(columns=EPOCH_COLUMNS)]
-    for key, seed, folder, config in _finished(results, keys or list(CONFIGS)):
-        run = {"config": key, "label": CONFIGS[key].label, "seed": seed}
-        batches.append(pd.read_csv(folder / "batches.csv").assign(**run))
-        e = pd.read_csv(folder / "history.csv").assign(**run)
-        epochs.append(e.assign(batches=(e["epoch"] + 1) * int(config["run"]["steps_per_epoch"])))
-    return (pd.concat(batches, ignore_index=True)[BATCH_COLUMNS],
-            pd.concat(epochs, ignore_index=True)[EPOCH_COLUMNS])
-
-
-def summary_table(epochs, keys: Sequence[str] | None = None):
-    """Per configuration, the validation accuracy after the last validated batch: mean and
-    std over seeds (ddof 1; NaN for one seed), number of seeds and the per-seed values."""
-    import pandas as pd
-
-    last = epochs.sort_values("batches").groupby(["config", "seed"]).tail(1)
-    rows = []
-    for key in keys or list(dict.fromkeys(epochs["config"])):
-        runs = last[last["config"] == key]
-        values = runs["val_accuracy"].to_numpy(float)
-        if len(values):
-            rows.append({"config": key, "label": CONFIGS[key].label,
-                         "batches": int(runs["batches"].max()), "seeds": len(values),
-                         "val_accuracy_mean": float(np.mean(values)),
-                         "val_accuracy_std": float(np.std(values, ddof=1)) if len(values) > 1
-                         else float("nan"),
-                         "per_seed": ", ".join(f"{v:.4f}" for v in values)})
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- the fast recipe
-
-#: Accuracies the time-to-accuracy ladder is read at: 85%, the seed's 90.88%, the paper's 92.75%.
-LADDER_TARGETS = (0.85, 0.9088, 0.9275)
-RECIPE_COLUMNS = ("config", "label", "seed", "epochs", "val_accuracy", "val_accuracy_raw",
-                  "val_accuracy_tta", "val_accuracy_ema_stale_bn", "test_accuracy", "minutes",
-                  "machine")
-
-
-def recipe_runs(results: str | os.PathLike, keys: Sequence[str] | None = None):
-    """One row per finished run under ``results/recipe/`` (``RECIPE_COLUMNS``): the final
-    validation accuracy (of the EMA with batch norm re-estimated if the run kept one), of the
-    raw weights, with TTA, of the EMA before re-estimation, a ladder rung's test accuracy
-    (``test.json``), minutes and machine; NaN where a run has no such value."""
-    import pandas as pd
-
-    rows = []
-    for key, seed, folder, config in _finished(results, keys or list(RECIPE_CONFIGS)):
-        run, test = config["run"], folder / TEST_FILE
-        final = run.get("final", {})
-        history = pd.read_csv(folder / "history.csv")
-        rows.append({
-            "config": key.removeprefix("recipe/"), "label": RECIPE_CONFIGS[key].label,
-            "seed": seed, "epochs": config["epochs"],
-            "val_accuracy": final.get("val_accuracy", np.nan),
-            "val_accuracy_raw": float(history["val_accuracy"].iloc[-1]),
-            "val_accuracy_tta": final.get("val_accuracy_tta", np.nan),
-            "val_accuracy_ema_stale_bn": final.get("val_accuracy_ema_stale_bn", np.nan),
-            "test_accuracy": (json.loads(test.read_text())["accuracy"] if test.is_file()
-                              else np.nan),
-            "minutes": run.get("seconds", np.nan) / 60, "machine": run.get("machine", "")})
-    return pd.DataFrame(rows, columns=RECIPE_COLUMNS)
-
-
-def ablation_table(runs):
-    """The ablation from ``recipe_runs``: per configuration the raw weights' final validation
-    accuracy (mean and per seed), its difference from the full recipe's, and median minutes;
-    two rows derived from the full runs: the EMA with batch norm re-estimated, and TTA's gain."""
-    import pandas as pd
-
-    ablation = [k.removeprefix("recipe/") for k in RECIPE_EXPERIMENTS["recipe_ablation"]]
-    runs = runs[runs["config"].isin(ablation) & (runs["epochs"] == RECIPE_ABLATION_EPOCHS)]
-    full = runs[runs["config"] == "full"]
-    with_ema = full[full["val_accuracy_ema_stale_bn"].notna()]
-    derived = [
-        with_ema.assign(config="ema", val_accuracy_raw=with_ema["val_accuracy"],
-                        label="+ EMA of the weights, batch norm re-estimated (same runs)"),
-        full.assign(config="tta", label="+ test-time augmentation: its gain on the final weights",
-                    val_accuracy_raw=full["val_accuracy_raw"] + full["val_accuracy_tta"]
-                    - full["val_accuracy"])]
-    frames = pd.concat([runs, *(d for d in derived if len(d))], ignore_index=True)
-    rows = []
-    for config, group in frames.groupby("config", sort=False):
-        mean = group["val_accuracy_raw"].mean()
-        rows.append({"config": config, "label": group["label"].iloc[0], "seeds": len(group),
-                     "val_accuracy": mean,
-                     "difference": mean - full["val_accuracy_raw"].mean(),
-                     "per_seed": ", ".join(f"{v:.2%}" for v in group["val_accuracy_raw"]),
-                     "minutes": group["minutes"].median()})
-    return pd.DataFrame(rows, columns=["config", "label", "seeds", "val_accuracy", "difference",
-                                       "per_seed", "minutes"])
-
-
-def time_to_accuracy(history, targets: Sequence[float] = LADDER_TARGETS) -> dict[float, float]:
-    """Minutes of training (``time`` summed) until validation accuracy first reaches each
-    target; NaN for a target never reached."""
-    minutes = np.cumsum(np.asarray(history["time"], float)) / 60
-    acc = np.asarray(history["val_accuracy"], float)
-    return {t: float(minutes[np.argmax(acc >= t)]) if (acc >= t).any() else float("nan")
-            for t in targets}

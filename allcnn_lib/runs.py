@@ -45,7 +45,7 @@ VARIANTS = ("paper", "seed")  # Tables 1 and 2, or the seed repository's deviati
 INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
                 "orthogonal", "lsuv")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("paper", "cosine", "constant", "seed", "onecycle")
+SCHEDULES = ("paper", "constant", "seed", "onecycle")
 DISTRIBUTE = ("none", "mirrored")
 SHIFT_FILLS = ("zero", "reflect")
 TRAIN_ON = ("split", "all")  # all: the 50,000 training images, no validation split

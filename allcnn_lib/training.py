@@ -41,7 +41,6 @@ from allcnn_lib.runs import TrainConfig
 
 PAPER_DROP_EPOCHS, PAPER_EPOCHS = (200, 250, 300), 350  # Sec. 3.2: lr x0.1 after these epochs
 SEED_DECAY = 1e-6  # Keras 2's ``decay`` of the seed's SGD
-COSINE_WARMUP_FRACTION = 0.05
 ONECYCLE_WARMUP_FRACTION = 0.2
 EMA_MOMENTUM = 0.99  # the weights' moving average (``ema``): a horizon of ~100 steps
 LSUV_IMAGES = 256  # LSUV's batch (the paper's is one mini-batch; 256 is steadier)
@@ -66,9 +65,8 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
                   epochs: int | None = None
                   ) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The learning rate ``name`` (``SCHEDULES``) from ``learning_rate``: ``constant``, ``seed``
-    (lr / (1 + 1e-6 k)) and, given the run's length, ``paper`` (x0.1 at ``paper_boundaries``),
-    ``cosine`` (5% linear warm-up, cosine to 0), ``onecycle`` (linear up over 20%, then down to
-    0; Smith 2018)."""
+    (lr / (1 + 1e-6 k)) and, given the run's length, ``paper`` (x0.1 at ``paper_boundaries``) or
+    ``onecycle`` (linear up over 20%, then down to 0; Smith 2018)."""
     schedules = keras.optimizers.schedules
     if name == "constant":
         return float(learning_rate)
@@ -83,13 +81,7 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
         boundaries = [d - 1 for d in paper_boundaries(total)]
         return schedules.PiecewiseConstantDecay(boundaries,
                                                 [learning_rate * 0.1**i for i in range(4)])
-    if name == "onecycle":
-        return OneCycle(learning_rate, max(1, round(total * ONECYCLE_WARMUP_FRACTION)), total)
-    warmup = round(total * COSINE_WARMUP_FRACTION)
-    if warmup == 0:
-        return schedules.CosineDecay(learning_rate, decay_steps=total)
-    return schedules.CosineDecay(0.0, total - warmup, warmup_target=learning_rate,
-                                 warmup_steps=warmup)
+    return OneCycle(learning_rate, max(1, round(total * ONECYCLE_WARMUP_FRACTION)), total)
 
 
 @keras.saving.register_keras_serializable(package="allcnn")

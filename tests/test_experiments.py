@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from allcnn_lib import cli
@@ -86,27 +84,18 @@ def _fake_run(folder: Path, val: list[float], *, status: str = "finished", epoch
                         0.01])
 
 
-def test_results_and_summary_table(tmp_path):
+def test_is_complete_keeps_finished_runs_only(tmp_path):
     _fake_run(ex.result_dir(tmp_path, "baseline", 0), [0.2, 0.3, 0.40])
-    _fake_run(ex.result_dir(tmp_path, "baseline", 1), [0.2, 0.3, 0.50])
-    _fake_run(ex.result_dir(tmp_path, "adam", 0), [0.3, 0.4, 0.60])
     _fake_run(ex.result_dir(tmp_path, "adam", 1), [0.3, 0.4], status="running")  # unfinished
     _fake_run(ex.result_dir(tmp_path, "rmsprop", 0), [0.3, 0.4, 0.5], epochs=5)  # short
+    _fake_run(ex.result_dir(tmp_path, "adam", 0), [0.3, 0.4], status="terminated_on_nan")
+    assert ex.is_complete(ex.result_dir(tmp_path, "baseline", 0))
+    assert ex.is_complete(ex.result_dir(tmp_path, "adam", 0))  # stopped by a NaN: done
     assert not ex.is_complete(ex.result_dir(tmp_path, "adam", 1))
     assert not ex.is_complete(ex.result_dir(tmp_path, "rmsprop", 0))
-
-    batches, epochs = ex.load_results(tmp_path)
-    assert set(batches["config"]) == set(epochs["config"]) == {"baseline", "adam"}
-    assert len(batches) == 3 * 12 and list(epochs["batches"].unique()) == [4, 8, 12]
-
-    table = ex.summary_table(epochs, ["baseline", "adam", "rmsprop"]).set_index("config")
-    assert list(table.index) == ["baseline", "adam"]
-    assert table.loc["baseline", "val_accuracy_mean"] == pytest.approx(0.45)
-    assert table.loc["baseline", "val_accuracy_std"] == pytest.approx(math.sqrt(0.005))
-    assert table.loc["baseline", "seeds"] == 2 and table.loc["adam", "seeds"] == 1
-    assert math.isnan(table.loc["adam", "val_accuracy_std"])
-    assert table.loc["baseline", "batches"] == 12
-
+    (ex.result_dir(tmp_path, "baseline", 0) / "batches.csv").unlink()
+    assert not ex.is_complete(ex.result_dir(tmp_path, "baseline", 0))
+    assert not ex.is_complete(tmp_path / "nothing")
 
 
 def _runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -161,41 +150,6 @@ def test_each_recipe_configuration_removes_one_trick(key, expected):
     full = cli.parse_arguments(ex.RECIPE_CONFIGS["recipe/full"].command(0, "runs"))
     differ = {k for k in vars(args) if getattr(args, k) != getattr(full, k)}
     assert differ - {"run_id", "epochs"} <= set(expected), differ
-
-
-def _fake_recipe_run(folder: Path, val: list[float], *, final: dict, epochs: int,
-                     test: float | None = None) -> None:
-    _fake_run(folder, val, epochs=epochs)
-    config = json.loads((folder / "config.json").read_text())
-    config["run"].update(final=final, seconds=60.0 * epochs, machine="test CPU")
-    (folder / "config.json").write_text(json.dumps(config))
-    history = (folder / "history.csv").read_text().splitlines()
-    rows = [history[0] + ",time"] + [f"{row},60" for row in history[1:]]
-    (folder / "history.csv").write_text("\n".join(rows) + "\n")
-    if test is not None:
-        (folder / ex.TEST_FILE).write_text(json.dumps({"accuracy": test}))
-
-
-def test_recipe_tables_read_the_committed_runs(tmp_path):
-    final = {"val_accuracy": 0.8, "val_accuracy_tta": 0.82, "val_accuracy_ema_stale_bn": 0.7}
-    for seed, v in ((0, 0.80), (1, 0.82)):  # raw weights v, their average v + 0.01
-        _fake_recipe_run(tmp_path / "recipe" / "full" / f"seed{seed}", [0.5, 0.7, 0.86, 0.9, v],
-                         final={**final, "val_accuracy": v + 0.01}, epochs=5, test=0.81)
-    _fake_recipe_run(tmp_path / "recipe" / "no_whiten" / "seed0", [0.5] * 5,
-                     final={"val_accuracy": 0.75}, epochs=5)
-    runs = ex.recipe_runs(tmp_path)
-    assert len(runs) == 3 and set(runs["machine"]) == {"test CPU"}
-    assert sorted(runs["val_accuracy_raw"]) == pytest.approx([0.5, 0.80, 0.82])
-    table = ex.ablation_table(runs).set_index("config")
-    assert table.loc["full", "val_accuracy"] == pytest.approx(0.81)  # the trained weights
-    assert table.loc["no_whiten", "difference"] == pytest.approx(-0.31)
-    assert table.loc["ema", "difference"] == pytest.approx(0.01)  # derived from the same runs
-    assert table.loc["tta", "difference"] == pytest.approx(0.0, abs=1e-9)  # +0.01 and -0.01
-    assert table.loc["full", "seeds"] == 2 and table.loc["full", "minutes"] == 5
-    history = {"time": [60] * 5, "val_accuracy": [0.5, 0.7, 0.86, 0.9, 0.8]}
-    reached = ex.time_to_accuracy(history)
-    assert reached[0.85] == 3 and np.isnan(reached[0.9275])
-    assert ex.recipe_runs(tmp_path / "empty").empty  # no runs yet: an empty table, no error
 
 
 def test_committed_configs_record_portable_paths():

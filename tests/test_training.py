@@ -94,18 +94,6 @@ def test_paper_schedule_on_350_epochs_drops_after_epoch_200():
     assert current_learning_rate(opt, 350 * spe - 1) == pytest.approx(1e-5)
 
 
-def test_cosine_schedule_warms_up_then_decays():
-    spe, epochs = 10, 20
-    schedule = make_schedule("cosine", 0.1, steps_per_epoch=spe, epochs=epochs)
-    warmup = round(spe * epochs * training.COSINE_WARMUP_FRACTION)
-    values = np.array([float(schedule(k)) for k in range(spe * epochs + 1)])
-    assert values[0] == pytest.approx(0.0)
-    assert values[warmup] == pytest.approx(0.1)
-    assert np.all(np.diff(values[: warmup + 1]) > 0)
-    assert np.all(np.diff(values[warmup:]) <= 1e-9)
-    assert values[-1] == pytest.approx(0.0, abs=1e-6)
-
-
 def test_constant_schedule_and_errors():
     assert make_schedule("constant", 0.3) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="steps_per_epoch"):
