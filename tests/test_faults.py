@@ -86,8 +86,12 @@ def start_and_signal(args: list[str], cwd: Path, batches_csv: Path, sig: int,
     """Run ``allcnn`` and send it ``sig`` once it has logged a batch of the last epoch (rows
     an earlier process left count only once this one has rewritten the file)."""
     started = time.time_ns()
-    proc = subprocess.Popen([sys.executable, "-m", "allcnn_lib", *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As in a terminal: a shell's background job (`make test &`) starts its children with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler; a Ctrl-C gets Python's.
+    with_ctrl_c = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+                   " runpy.run_module('allcnn_lib', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", with_ctrl_c, *map(str, args)], cwd=cwd,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
