@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 #: The budget of the seed's README experiments: 3,000 batches of 32 images.
 BUDGET_BATCHES = 3000
 BATCH_SIZE = 32
@@ -175,3 +177,17 @@ def is_complete(folder: str | os.PathLike) -> bool:
     epochs_done = len(rows) - 1 >= int(config.get("epochs", EPOCHS))
     return ((status == "finished" and epochs_done) or status == "terminated_on_nan") and (
         folder / "batches.csv").is_file()
+
+
+#: Accuracies the time-to-accuracy ladder is read at: 85%, the seed's 90.88%, the paper's 92.75%.
+LADDER_TARGETS = (0.85, 0.9088, 0.9275)
+
+
+def time_to_accuracy(history, targets: Sequence[float] = LADDER_TARGETS) -> dict[float, float]:
+    """Minutes of training (``time`` summed) until validation accuracy first reaches each
+    target; NaN for a target never reached. Notebook 06 reads its run with it; notebook 10
+    writes the same lines out where it teaches the ladder."""
+    minutes = np.cumsum(np.asarray(history["time"], float)) / 60
+    acc = np.asarray(history["val_accuracy"], float)
+    return {t: float(minutes[np.argmax(acc >= t)]) if (acc >= t).any() else float("nan")
+            for t in targets}

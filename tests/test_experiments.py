@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allcnn_lib import cli
@@ -158,3 +159,10 @@ def test_committed_configs_record_portable_paths():
     config = portable_config({"runs_dir": str(Path.home() / ".cache" / "runs"),
                               "data_dir": None, "run": {"data_source": str(ROOT / "data" / "x")}})
     assert config["runs_dir"] == "~/.cache/runs" and config["run"]["data_source"] == "data/x"
+
+
+def test_time_to_accuracy_reads_minutes_until_each_target():
+    history = {"time": [60] * 5, "val_accuracy": [0.5, 0.7, 0.86, 0.9, 0.8]}
+    reached = ex.time_to_accuracy(history)
+    assert reached[0.85] == 3 and np.isnan(reached[0.9088]) and np.isnan(reached[0.9275])
+    assert ex.time_to_accuracy(history, [0.7]) == {0.7: 2.0}  # the first epoch that reaches it
