@@ -25,8 +25,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: Training images/s on this project's 2-core AVX2-only CPU, float32 (docs/performance.md, Other
 #: machines): the plain All-CNN-C at batch 128 (2026-11-28), and the recipe's whole epoch, batch
 #: norm and validation included (45,000 images in 815 s, 2026-12-01), both with TensorFlow's
-#: default kernels; with oneDNN's (``allcnn_lib`` turns them on) the recipe's steps ran ~1.25x
-#: faster there, so the estimates of notebooks 06 and 10 err on the slow side.
+#: default kernels; oneDNN's (``allcnn_lib`` turns them on) train the recipe ~1.25x faster on
+#: AVX2, but AVX2 instances differ: a slower one ran its whole epoch with them at the same 55
+#: images/s (notebook 10, 2026-12-01). A rough figure for notebooks 06 and 10's estimates.
 AVX2_IMAGES_PER_S = 55
 
 
