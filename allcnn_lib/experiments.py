@@ -185,8 +185,7 @@ LADDER_TARGETS = (0.85, 0.9088, 0.9275)
 
 def time_to_accuracy(history, targets: Sequence[float] = LADDER_TARGETS) -> dict[float, float]:
     """Minutes of training (``time`` summed) until validation accuracy first reaches each
-    target; NaN for a target never reached. Notebook 06 reads its run with it; notebook 10
-    writes the same lines out where it teaches the ladder."""
+    target; NaN for a target never reached (notebooks 06 and 10)."""
     minutes = np.cumsum(np.asarray(history["time"], float)) / 60
     acc = np.asarray(history["val_accuracy"], float)
     return {t: float(minutes[np.argmax(acc >= t)]) if (acc >= t).any() else float("nan")
