@@ -70,7 +70,7 @@ FRACTION = _checked(float, "a number >= 0 and < 1", lambda v: 0 <= v < 1)
 #: seed's switches) or an argparse type. The dest is the last flag's name.
 NETWORK_FLAGS = (
     ("--arch", runs.ARCHS, "Model-C, Strided-CNN-C or All-CNN-C"),
-    ("--variant", runs.VARIANTS, "paper (Table 1) or the seed's variant"),
+    ("--variant", runs.VARIANTS, "paper (Tables 1 and 2) or the seed repository's deviations"),
     ("-bn --bn --batch-norm", "0/1", "batch normalization after every conv"),
     ("-dropout --dropout", "0/1", "dropout 0.2 on the input and 0.5 after downsampling"),
     ("--class-relu", "0/1", "the ReLU after conv9, the class-score conv"))
@@ -88,8 +88,9 @@ TRAIN_FLAGS = (
     ("--optimizer", runs.OPTIMIZERS, "sgd (Nesterov momentum 0.9), rmsprop or adam"),
     ("--lr --learning-rate", POSITIVE, "learning rate (default: runs.DEFAULT_LEARNING_RATES)"),
     ("--rho", FRACTION, "RMSprop's rho (0.0: the seed's unstable setting)"),
-    ("--schedule", runs.SCHEDULES, "paper: x0.1 at 200, 250, 300 of 350 epochs (scaled); seed: "
-                                   "Keras-2 decay 1e-6; onecycle: up 20%%, then down to 0"),
+    ("--schedule", runs.SCHEDULES, "paper: x0.1 at 200, 250, 300 of 350 epochs (scaled); "
+                                   "inverse_time: the seed's Keras-2 decay 1e-6; "
+                                   "onecycle: up 20%%, then down to 0"),
     ("-epochs --epochs", POSITIVE_INT, "epochs"),
     ("--steps-per-epoch", POSITIVE_INT, "batches an epoch, of an endless reshuffled stream "
                                         "(default: one pass)"),

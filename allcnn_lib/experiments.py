@@ -23,7 +23,7 @@ EPOCHS = BUDGET_BATCHES // STEPS_PER_EPOCH
 SEEDS = (0, 1)
 
 #: Flags every run shares: All-CNN-C (paper), the seed's schedule, batch size and SGD-Nesterov.
-COMMON_FLAGS = ("--arch", "allcnn", "--variant", "paper", "--schedule", "seed",
+COMMON_FLAGS = ("--arch", "allcnn", "--variant", "paper", "--schedule", "inverse_time",
                 "--batch-size", str(BATCH_SIZE), "--epochs", str(EPOCHS),
                 "--steps-per-epoch", str(STEPS_PER_EPOCH))
 

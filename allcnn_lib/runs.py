@@ -40,18 +40,20 @@ BATCH_COLUMNS = ("epoch", "batch", "step", "loss", "accuracy", "epoch_loss", "ep
 #: Architecture key -> ``keras.Model.name`` (``models.build_model``).
 MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
 ARCHS = tuple(MODEL_NAMES)
-VARIANTS = ("paper", "seed")  # Tables 1 and 2, or the seed repository's deviations
+VARIANTS = ("paper", "repository")  # Tables 1 and 2, or the seed repository's deviations
 #: ``initializers.get_initializer``'s names, and LSUV (orthogonal, then Algorithm 1).
 INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
                 "orthogonal", "lsuv")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("paper", "constant", "seed", "onecycle")
+SCHEDULES = ("paper", "constant", "inverse_time", "onecycle")
 DISTRIBUTE = ("none", "mirrored")
 SHIFT_FILLS = ("zero", "reflect")
 TRAIN_ON = ("split", "all")  # all: the 50,000 training images, no validation split
 DEFAULT_LEARNING_RATES = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001}
 MAX_SHIFT = 0.1  # largest translation, as a fraction of the image side (3 px of 32)
 PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
+#: Values older run folders wrote, when "seed" also named the seed repository's settings.
+RENAMED = {"variant": ("seed", "repository"), "schedule": ("seed", "inverse_time")}
 
 
 @dataclass
@@ -178,7 +180,8 @@ def load_run_config(run_dir_or_file: str | os.PathLike,
         problem = f"unreadable ({err.strerror or err})"
     else:
         if isinstance(config, dict):
-            return config
+            return {**config, **{key: new for key, (old, new) in RENAMED.items()
+                                 if config.get(key) == old}}
         problem = f"holds a {type(config).__name__}, not a run's settings"
     raise ValueError(f"{path}: {problem}; {fix}")
 

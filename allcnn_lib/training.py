@@ -5,8 +5,8 @@ an epoch with a NaN loss or weight is never saved. A run killed mid-epoch and st
 resumes from its last completed epoch with the losses of an uninterrupted run (CPU): the backup
 keeps the dropout seeds, and the endless input stream skips the batches already seen.
 
-The seed's Keras-2 ``SGD(lr=0.01, decay=1e-6)`` is ``make_optimizer("sgd", schedule="seed")``:
-lr_k = 0.01 / (1 + 1e-6 k).
+The seed's Keras-2 ``SGD(lr=0.01, decay=1e-6)`` is ``make_optimizer("sgd",
+schedule="inverse_time")``: lr_k = 0.01 / (1 + 1e-6 k).
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ def paper_boundaries(total_steps: int) -> list[int]:
 def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | None = None,
                   epochs: int | None = None
                   ) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The learning rate ``name`` (``SCHEDULES``) from ``learning_rate``: ``constant``, ``seed``
-    (lr / (1 + 1e-6 k)) and, given the run's length, ``paper`` (x0.1 at ``paper_boundaries``) or
-    ``onecycle`` (linear up over 20%, then down to 0; Smith 2018)."""
+    """The learning rate ``name`` (``SCHEDULES``) from ``learning_rate``: ``constant``,
+    ``inverse_time`` (the seed's lr / (1 + 1e-6 k)) and, given the run's length, ``paper``
+    (x0.1 at ``paper_boundaries``) or ``onecycle`` (linear up over 20%, then down to 0)."""
     schedules = keras.optimizers.schedules
     if name == "constant":
         return float(learning_rate)
-    if name == "seed":
+    if name == "inverse_time":
         return schedules.InverseTimeDecay(learning_rate, decay_steps=1, decay_rate=SEED_DECAY)
     if name not in runs.SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(runs.SCHEDULES)}")

@@ -1,9 +1,9 @@
 """Time LSUV (Mishkin & Matas 2015, Algorithm 1) on All-CNN-C: ``allcnn_lib.initializers.lsuv``
-against ``lsuv_seed_rebuild``, the seed repository's approach (a new probe model and a
+against ``lsuv_repository_rebuild``, the seed repository's approach (a new probe model and a
 ``predict`` from the input image on every iteration of every layer), written here as in
 notebook 03.
 
-    .venv/bin/python benchmarks/bench_lsuv.py [--images 256] [--repeats 3] [--seed-repeats 3]
+    .venv/bin/python benchmarks/bench_lsuv.py [--images 256] [--repeats 3] [--repository-repeats 3]
 
 Each run builds a fresh All-CNN-C (paper variant) and initializes it on the same batch of real
 CIFAR-10 training images (per-channel standardized). For scale, the table also times one plain
@@ -37,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "lsuv.json"
 TARGET_S = 2.0  # the goal for ours on the 2-core development machine
 
 
-def seed_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
+def repository_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
     """The seed's (and LSUV-keras') ``svd_orthonormal``: it flattens to ``(shape[0], rest)``,
     right for Theano's (cout, cin, kh, kw) kernels, wrong for Keras' (kh, kw, cin, cout)."""
     flat_shape = (shape[0], math.prod(shape[1:]))
@@ -45,18 +45,19 @@ def seed_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
     return (u if u.shape == flat_shape else v).reshape(shape).astype(np.float32)
 
 
-def lsuv_seed_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
+def lsuv_repository_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
                       seed: int | None = None) -> dict[str, dict[str, float]]:
-    """The seed repository's LSUV (after LSUV-keras), slow by design: it skips layers with fewer
-    than 32 outputs per image, pre-initializes with ``seed_orthonormal``, and builds a new model
-    and calls ``predict`` to measure Var on every iteration. Returns ``lsuv``'s report."""
+    """The seed repository's LSUV (after LSUV-keras), slow by design: it skips layers with
+    fewer than 32 outputs per image, pre-initializes with ``repository_orthonormal``, and builds
+    a new model and calls ``predict`` to measure Var on every iteration. Returns ``lsuv``'s
+    report."""
     rng = np.random.default_rng(seed)
     report = {}
     for layer in model.layers:
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) \
                 or math.prod(layer.output.shape[1:]) < 32:
             continue
-        layer.kernel.assign(seed_orthonormal(layer.kernel.shape, rng))
+        layer.kernel.assign(repository_orthonormal(layer.kernel.shape, rng))
         probe = keras.Model(model.inputs, layer.output)
         var = var_before = float(np.var(probe.predict(batch, verbose=0)))
         iterations, scale = 0, 1.0
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed-repeats", type=int, default=3,
-                        help="runs of the slow seed version (0 skips it)")
+    parser.add_argument("--repository-repeats", type=int, default=3,
+                        help="runs of the seed repository's slow version (0 skips it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -134,29 +135,29 @@ def main(argv: list[str] | None = None) -> dict:
         return seconds
 
     ours_s = timed("lsuv", lsuv, args.repeats)
-    seed_s = timed("seed", lsuv_seed_rebuild, args.seed_repeats)
+    repository_s = timed("repository", lsuv_repository_rebuild, args.repository_repeats)
 
     med = {"forward": statistics.median(forward), "lsuv": statistics.median(ours_s)}
-    if seed_s:
-        med["lsuv_seed_rebuild"] = statistics.median(seed_s)
+    if repository_s:
+        med["lsuv_repository_rebuild"] = statistics.median(repository_s)
     rows = [("one forward pass", forward), ("lsuv (ours)", ours_s)]
-    if seed_s:
-        rows.append(("lsuv_seed_rebuild", seed_s))
+    if repository_s:
+        rows.append(("lsuv_repository_rebuild", repository_s))
 
     print()
     print(lsuv_table(reports["lsuv"]))
-    if seed_s:
+    if repository_s:
         print()
-        print(lsuv_table(reports["seed"]))
+        print(lsuv_table(reports["repository"]))
     print()
     print(f"{'':20s} {'median s':>9s} {'runs':>22s}  {'x forward':>9s}")
     for label, secs in rows:
         runs = ", ".join(f"{s:.2f}" for s in secs)
         print(f"{label:20s} {statistics.median(secs):9.2f} {runs:>22s}  "
               f"{statistics.median(secs) / med['forward']:9.2f}")
-    if seed_s:
+    if repository_s:
         print(f"speed-up of lsuv over the seed's rebuild-every-iteration: "
-              f"{med['lsuv_seed_rebuild'] / med['lsuv']:.1f}x")
+              f"{med['lsuv_repository_rebuild'] / med['lsuv']:.1f}x")
     print(f"target for lsuv: <= {TARGET_S:.1f} s -> "
           f"{'met' if med['lsuv'] <= TARGET_S else 'not met'} on this machine now")
 
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "seconds": {"forward": forward, "lsuv": ours_s, "lsuv_seed_rebuild": seed_s},
+        "seconds": {"forward": forward, "lsuv": ours_s, "lsuv_repository_rebuild": repository_s},
         "median_seconds": med,
-        "speedup": (med["lsuv_seed_rebuild"] / med["lsuv"]) if seed_s else None,
+        "speedup": (med["lsuv_repository_rebuild"] / med["lsuv"]) if repository_s else None,
         "target_seconds": TARGET_S,
         "reports": reports,
     }

@@ -51,14 +51,14 @@ def paper_models() -> dict:
 
 
 @pytest.fixture(scope="module")
-def seed_models() -> dict:
+def repository_models() -> dict:
     """The same three networks as the seed repository built them (seeded), per module."""
     import keras
 
     from allcnn_lib.models import build_model
 
     keras.utils.set_random_seed(0)
-    return {arch: build_model(arch, variant="seed") for arch in ARCHS}
+    return {arch: build_model(arch, variant="repository") for arch in ARCHS}
 
 
 def pytest_configure(config):

@@ -52,7 +52,8 @@ def test_all_cnn_c_forward_macs_is_0_271_gmac(paper_models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_macs_parameters_and_receptive_fields_match_hand_counts(paper_models, seed_models, arch):
+def test_macs_parameters_and_receptive_fields_match_hand_counts(paper_models, repository_models,
+                                                                arch):
     table = A.layer_table(paper_models[arch])
     convs = table[table["kind"] == "conv"]
     assert convs["macs"].to_dict() == HAND_MACS[arch]
@@ -65,12 +66,12 @@ def test_macs_parameters_and_receptive_fields_match_hand_counts(paper_models, se
     assert {name: rf[name] for name in HAND_RF[arch]} == HAND_RF[arch]
     assert rf["image"] == 1 and rf["relu9"] == rf["conv9"]  # no kernel: the input's field
     # the seed's deviations (no ReLU after stride-2 convs, conv7 "same") add no weights
-    assert A.layer_table(seed_models[arch])["parameters"].sum() == M.ARCH_PARAM_COUNTS[arch]
+    assert A.layer_table(repository_models[arch])["parameters"].sum() == M.ARCH_PARAM_COUNTS[arch]
 
 
-def test_seed_variant_differs_in_conv7_to_conv9(paper_models, seed_models):
+def test_repository_variant_differs_in_conv7_to_conv9(paper_models, repository_models):
     paper = A.layer_table(paper_models["allcnn"])
-    seed = A.layer_table(seed_models["allcnn"])
+    seed = A.layer_table(repository_models["allcnn"])
     assert {n for n in paper.index if seed.loc[n, "macs"] != paper.loc[n, "macs"]} == {
         "conv7", "conv8", "conv9"}
     assert seed.loc["conv7", "output_shape"] == (8, 8, 192)

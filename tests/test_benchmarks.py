@@ -185,11 +185,11 @@ def test_bench_lsuv_seed_loop_skips_small_layers_and_keeps_the_layout_bug():
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(10, name="dense")(x))
     batch = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype("float32")
-    report = bench_lsuv.lsuv_seed_rebuild(model, batch, seed=0)
+    report = bench_lsuv.lsuv_repository_rebuild(model, batch, seed=0)
     assert list(report) == ["c1"]  # dense: 10 outputs < 32, skipped as in LSUV-keras
     assert abs(report["c1"]["var_after"] - 1) <= 0.1
     assert bench_lsuv.lsuv_table(report).splitlines()[1].startswith("c1")
-    w = bench_lsuv.seed_orthonormal((3, 3, 8, 16), np.random.default_rng(0)).reshape(-1, 16)
+    w = bench_lsuv.repository_orthonormal((3, 3, 8, 16), np.random.default_rng(0)).reshape(-1, 16)
     assert np.abs(w.T @ w - np.eye(16)).max() > 0.5  # channels last: filters not orthonormal
 
 

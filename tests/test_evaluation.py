@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from allcnn_lib import runs
 from allcnn_lib.evaluation import (
     EvaluationResult,
     WeightsMismatchError,
@@ -106,14 +107,26 @@ def test_load_trained_model_reads_the_network_off_the_file(strided_weights):
 
 
 def test_load_trained_model_uses_config_json(tmp_path):
-    model = build_model("modelc", batch_norm=True, variant="seed")
+    model = build_model("modelc", batch_norm=True, variant="repository")
     path = tmp_path / "best.weights.h5"
     model.save_weights(path)
     (tmp_path / "config.json").write_text(json.dumps(
-        {"arch": "modelc", "variant": "seed", "batch_norm": True, "dropout": True}))
+        {"arch": "modelc", "variant": "repository", "batch_norm": True, "dropout": True}))
     loaded = load_trained_model(path)
     assert loaded.name == "model_c"
     assert any(layer.name == "bn1" for layer in loaded.layers)
+
+
+def test_config_json_of_older_runs_names_the_repository_variant_seed(tmp_path):
+    """Run folders written before the rename say "seed" for the seed repository's variant."""
+    build_model("allcnn", variant="repository").save_weights(tmp_path / "best.weights.h5")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"arch": "allcnn", "variant": "seed", "schedule": "seed"}))
+    assert {k: runs.load_run_config(tmp_path)[k] for k in ("variant", "schedule")} == {
+        "variant": "repository", "schedule": "inverse_time"}
+    loaded = load_trained_model(tmp_path / "best.weights.h5")
+    assert "input_dropout" not in [layer.name for layer in loaded.layers]
+    assert loaded.get_layer("conv7").padding == "same"
 
 
 def test_weights_of_another_architecture_name_both(strided_weights):

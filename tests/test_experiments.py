@@ -60,7 +60,7 @@ def test_grid_runs_each_configuration_once_per_seed():
 ])
 def test_each_configuration_parses_to_its_settings(key, expected):
     args = cli.build_parser().parse_args(ex.CONFIGS[key].command(1, "runs"))
-    common = {"arch": "allcnn", "variant": "paper", "schedule": "seed", "batch_size": 32,
+    common = {"arch": "allcnn", "variant": "paper", "schedule": "inverse_time", "batch_size": 32,
               "epochs": 10, "steps_per_epoch": 300, "seed": 1, "run_id": f"{key}_seed1"}
     for name, value in {**common, **expected}.items():
         assert getattr(args, name) == value, (key, name, getattr(args, name))

@@ -107,12 +107,12 @@ def real_images(cifar_sample, n: int = 16) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_param_counts_match_hand_count_and_table(paper_models, seed_models, arch):
+def test_param_counts_match_hand_count_and_table(paper_models, repository_models, arch):
     assert M.ARCHITECTURES[arch]().name == MODEL_NAMES[arch]
     expected = hand_count(arch)
     assert expected == M.ARCH_PARAM_COUNTS[arch]
     assert paper_models[arch].count_params() == expected
-    assert seed_models[arch].count_params() == expected  # the seed deviations add no weights
+    assert repository_models[arch].count_params() == expected  # the seed deviations add no weights
     convs = {layer.name: layer for layer in M.conv_layers(paper_models[arch])}
     assert list(convs) == list(CONV_SHAPES[arch])  # conv_layers: in forward order
     for name, (k, c_in, c_out) in CONV_SHAPES[arch].items():
@@ -128,13 +128,13 @@ def test_paper_layer_shapes_and_names(paper_models, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_seed_layers_drop_input_dropout_and_stride2_relus(seed_models, arch):
+def test_seed_layers_drop_input_dropout_and_stride2_relus(repository_models, arch):
     """The seed variant: no input dropout, no ReLU after stride-2 convs, 8x8 maps to the end."""
     dropped = {"input_dropout"} | {c.replace("conv", "relu") for c in STRIDE2_CONVS[arch]}
-    shapes = dict(layer_shapes(seed_models[arch]))
+    shapes = dict(layer_shapes(repository_models[arch]))
     assert list(shapes) == [name for name, _ in PAPER_SHAPES[arch] if name not in dropped]
     assert shapes["conv7"] == (None, 8, 8, 192) and shapes["relu9"] == (None, 8, 8, 10)
-    assert all(conv.padding == "same" for conv in M.conv_layers(seed_models[arch]))
+    assert all(conv.padding == "same" for conv in M.conv_layers(repository_models[arch]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -157,7 +157,7 @@ def test_layer_types_strides_padding_and_dropout_rates(paper_models, arch):
 def test_errors_name_the_choices():
     with pytest.raises(ValueError, match="modelc, strided, allcnn"):
         M.build_model("all_cnn")
-    with pytest.raises(ValueError, match="paper, seed"):
+    with pytest.raises(ValueError, match="paper, repository"):
         M.build_model("allcnn", variant="caffe")
     with pytest.raises(ValueError, match="weight_decay"):
         M.model_c(weight_decay=-1e-4)

@@ -57,9 +57,9 @@ def test_default_learning_rates_and_override():
 
 
 @pytest.mark.parametrize("k", [0, 1, 10, 1000, 390 * 350, 10**6])
-def test_seed_schedule_is_keras2_decay(k):
+def test_inverse_time_schedule_is_the_seeds_keras2_decay(k):
     """lr_k = 0.01 / (1 + 1e-6 k): what Keras 2's SGD(decay=1e-6) did and Keras 3 dropped."""
-    opt = make_optimizer("sgd", schedule="seed")
+    opt = make_optimizer("sgd", schedule="inverse_time")
     assert isinstance(opt._learning_rate, keras.optimizers.schedules.InverseTimeDecay)
     assert current_learning_rate(opt, k) == pytest.approx(0.01 / (1 + 1e-6 * k), rel=1e-6)
 
