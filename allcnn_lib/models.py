@@ -25,7 +25,6 @@ norm only) and ``reluK``; Model-C's ``pool1``/``pool2`` stand where conv3/conv6 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -143,10 +142,6 @@ def strided_cnn_c(**options: Any) -> keras.Model:
 def all_cnn_c(**options: Any) -> keras.Model:
     """All-CNN-C (Table 2; 1,369,738 parameters): each pooling is a 3x3 stride-2 conv."""
     return build_model("allcnn", **options)
-
-
-ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
-    "modelc": model_c, "strided": strided_cnn_c, "allcnn": all_cnn_c}
 
 
 def conv_layers(model: keras.Model) -> list[keras.layers.Conv2D]:

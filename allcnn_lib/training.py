@@ -40,7 +40,7 @@ from allcnn_lib.preprocessing import (
 from allcnn_lib.runs import TrainConfig
 
 PAPER_DROP_EPOCHS, PAPER_EPOCHS = (200, 250, 300), 350  # Sec. 3.2: lr x0.1 after these epochs
-SEED_DECAY = 1e-6  # Keras 2's ``decay`` of the seed's SGD
+INVERSE_TIME_DECAY = 1e-6  # Keras 2's ``decay`` of the seed repository's SGD
 ONECYCLE_WARMUP_FRACTION = 0.2
 EMA_MOMENTUM = 0.99  # the weights' moving average (``ema``): a horizon of ~100 steps
 LSUV_IMAGES = 256  # LSUV's batch (the paper's is one mini-batch; 256 is steadier)
@@ -71,7 +71,8 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
     if name == "constant":
         return float(learning_rate)
     if name == "inverse_time":
-        return schedules.InverseTimeDecay(learning_rate, decay_steps=1, decay_rate=SEED_DECAY)
+        return schedules.InverseTimeDecay(learning_rate, decay_steps=1,
+                                          decay_rate=INVERSE_TIME_DECAY)
     if name not in runs.SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(runs.SCHEDULES)}")
     if not steps_per_epoch or not epochs:

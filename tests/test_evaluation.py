@@ -27,7 +27,6 @@ def test_the_run_folders_names_match_the_library():
 
     for arch, name in MODEL_NAMES.items():
         assert build_model(arch).name == name
-    assert set(MODEL_NAMES) == set(models.ARCHITECTURES)
     assert runs.VARIANTS == models.VARIANTS
     assert set(runs.INITIALIZERS) == {*initializers.INITIALIZERS, "lsuv"}
     assert runs.TrainConfig.zca_epsilon == preprocessing.PAPER_ZCA_EPSILON

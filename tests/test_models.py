@@ -86,7 +86,8 @@ PAPER_SHAPES = {
 
 MODEL_NAMES = {"allcnn": "all_cnn_c", "modelc": "model_c", "strided": "strided_cnn_c"}
 STRIDE2_CONVS = {"allcnn": ("conv3", "conv6"), "strided": ("conv2", "conv5"), "modelc": ()}
-ARCHS = tuple(M.ARCHITECTURES)
+ARCHS = M.ARCHS
+WRAPPERS = {"modelc": M.model_c, "strided": M.strided_cnn_c, "allcnn": M.all_cnn_c}
 
 
 def layer_shapes(model: keras.Model) -> list[tuple[str, tuple]]:
@@ -108,7 +109,7 @@ def real_images(cifar_sample, n: int = 16) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_param_counts_match_hand_count_and_table(paper_models, repository_models, arch):
-    assert M.ARCHITECTURES[arch]().name == MODEL_NAMES[arch]
+    assert WRAPPERS[arch]().name == MODEL_NAMES[arch]
     expected = hand_count(arch)
     assert expected == M.ARCH_PARAM_COUNTS[arch]
     assert paper_models[arch].count_params() == expected
@@ -274,14 +275,14 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import keras
     import numpy as np
     from allcnn_lib.data import load_cifar10
-    from allcnn_lib.models import ARCHITECTURES, build_model, conv_layers
+    from allcnn_lib.models import ARCHS, build_model, conv_layers
 
     assert keras.backend.backend() == BACKEND, keras.backend.backend()
     data = load_cifar10(sample=True, verbose=False)
     x = data.x_train[:16].astype("float32") / 255.0
     y = data.y_train[:16]
     failures = []
-    for arch in ARCHITECTURES:
+    for arch in ARCHS:
         keras.utils.set_random_seed(0)
         # no weight decay: any change of the kernels must come from the data's gradient
         model = build_model(arch, weight_decay=0)
