@@ -7,6 +7,8 @@ outputs and PNG figures, no error outputs, and the course structure every notebo
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from pathlib import Path
 
@@ -107,3 +109,49 @@ def test_no_code_copied_between_notebooks():
             for name in re.findall(r"^(?:def|class) (\w+)", "".join(cell["source"]), re.M):
                 assert defined.setdefault(name, path.name) == path.name, (
                     f"{name} is defined in {defined[name]} and {path.name}: move it to allcnn_lib")
+
+
+# --------------------------------------------------------------------------- the session plan
+
+PLAN = NOTEBOOK_DIR.parent / "docs" / "session_plan.md"
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_session_plan_reading_budget_is_the_notebooks_and_fits_90_minutes(capsys):
+    """The plan's word counts come from running its own counting code on the saved notebooks,
+    and its agenda adds up: each notebook's block holds its reading time, rounded up, plus the
+    exercise, and the blocks make 90 minutes."""
+    plan = PLAN.read_text(encoding="utf-8")
+    code = re.search(r"To count, from the repository root:\s*```python\n(.*?)```", plan, re.S)
+    assert code, "the plan's counting code is missing"
+    cwd = Path.cwd()
+    try:
+        os.chdir(NOTEBOOK_DIR.parent)
+        exec(code.group(1), {})  # prints one line per notebook
+    finally:
+        os.chdir(cwd)
+    counted = {Path(m.group(1)).stem: (int(m.group(2)), int(m.group(3)))
+               for m in re.finditer(r"(\S+\.ipynb)\s+(\d+) words,\s+(\d+) in class",
+                                    capsys.readouterr().out)}
+    assert counted, "the counting code printed nothing"
+    table = {}  # the reading-budget table, the first one whose rows start with a notebook
+    for row in map(_cells, plan.splitlines()):
+        if re.fullmatch(r"0\d_\w+", row[0]):
+            table.setdefault(row[0], row)
+    for name, (total, in_class) in counted.items():
+        words, read, minutes = table[name][1:4]
+        assert (int(words.replace(",", "")), int(read.replace(",", ""))) == (total, in_class), name
+        assert float(minutes) == round(in_class / 150, 1), name
+    total_row = next(_cells(line) for line in plan.splitlines() if "**00 to 06**" in line)
+    assert total_row[2].strip("*") == f"{sum(r for _, r in counted.values()):,}"
+    agenda = [_cells(line) for line in plan.splitlines() if re.match(r"\| \d:\d\d \|", line)]
+    assert sum(int(row[1]) for row in agenda) == 90
+    for row in agenda:
+        if found := re.match(r"(0\d):", row[3]):
+            name = next(n for n in counted if n.startswith(found.group(1)))
+            exercise = re.search(r"(\d+) min", row[5])
+            need = math.ceil(counted[name][1] / 150) + (int(exercise.group(1)) if exercise else 0)
+            assert int(row[1]) >= need, (name, row[1], need)
