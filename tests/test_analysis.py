@@ -71,12 +71,12 @@ def test_macs_parameters_and_receptive_fields_match_hand_counts(paper_models, re
 
 def test_repository_variant_differs_in_conv7_to_conv9(paper_models, repository_models):
     paper = A.layer_table(paper_models["allcnn"])
-    seed = A.layer_table(repository_models["allcnn"])
-    assert {n for n in paper.index if seed.loc[n, "macs"] != paper.loc[n, "macs"]} == {
+    repository = A.layer_table(repository_models["allcnn"])
+    assert {n for n in paper.index if repository.loc[n, "macs"] != paper.loc[n, "macs"]} == {
         "conv7", "conv8", "conv9"}
-    assert seed.loc["conv7", "output_shape"] == (8, 8, 192)
-    assert seed.loc["conv7", "receptive_field"] == 27
-    assert seed.loc["global_average_pooling", "receptive_field"] == 27 + 7 * 4
+    assert repository.loc["conv7", "output_shape"] == (8, 8, 192)
+    assert repository.loc["conv7", "receptive_field"] == 27
+    assert repository.loc["global_average_pooling", "receptive_field"] == 27 + 7 * 4
 
 
 def test_layer_macs_of_dense_and_grouped_conv():

@@ -129,7 +129,7 @@ def test_paper_layer_shapes_and_names(paper_models, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_seed_layers_drop_input_dropout_and_stride2_relus(repository_models, arch):
+def test_repository_variant_drops_input_dropout_and_stride2_relus(repository_models, arch):
     """The seed variant: no input dropout, no ReLU after stride-2 convs, 8x8 maps to the end."""
     dropped = {"input_dropout"} | {c.replace("conv", "relu") for c in STRIDE2_CONVS[arch]}
     shapes = dict(layer_shapes(repository_models[arch]))
