@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -120,19 +119,15 @@ def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def test_session_plan_reading_budget_is_the_notebooks_and_fits_90_minutes(capsys):
+def test_session_plan_reading_budget_is_the_notebooks_and_fits_90_minutes(capsys, monkeypatch):
     """The plan's word counts come from running its own counting code on the saved notebooks,
     and its agenda adds up: each notebook's block holds its reading time, rounded up, plus the
     exercise, and the blocks make 90 minutes."""
     plan = PLAN.read_text(encoding="utf-8")
     code = re.search(r"To count, from the repository root:\s*```python\n(.*?)```", plan, re.S)
     assert code, "the plan's counting code is missing"
-    cwd = Path.cwd()
-    try:
-        os.chdir(NOTEBOOK_DIR.parent)
-        exec(code.group(1), {})  # prints one line per notebook
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(NOTEBOOK_DIR.parent)
+    exec(code.group(1), {})  # prints one line per notebook
     counted = {Path(m.group(1)).stem: (int(m.group(2)), int(m.group(3)))
                for m in re.finditer(r"(\S+\.ipynb)\s+(\d+) words,\s+(\d+) in class",
                                     capsys.readouterr().out)}
