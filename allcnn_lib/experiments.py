@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,11 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
            ("--init", "he_uniform", "--class-relu", "0")),
     Config("adam_no_l2", "Adam without L2", ("--optimizer", "adam", "--weight-decay", "0")),
     Config("adam_lr_1e-4", "Adam at lr 1e-4 (not 1e-3)", ("--optimizer", "adam", "--lr", "1e-4")),
+    Config("adam_lr_3e-4", "Adam at lr 3e-4", ("--optimizer", "adam", "--lr", "3e-4")),
     Config("rmsprop_no_l2", "RMSprop, rho 0.9, without L2",
            ("--optimizer", "rmsprop", "--weight-decay", "0")),
+    Config("rmsprop_lr_1e-4", "RMSprop, rho 0.9, at lr 1e-4 (not 1e-3)",
+           ("--optimizer", "rmsprop", "--lr", "1e-4")),
 )}
 
 #: The fast recipe's ablation (``allcnn train --recipe fast``): the whole recipe, then the recipe
@@ -128,7 +131,8 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "regularization": ("baseline", "batch_norm", "batch_norm_dropout", "no_dropout"),
     "optimizers": ("baseline", "rmsprop_rho0", "rmsprop", "adam"),
     # The controls: the collapsed configuration, then the same without the suspected cause.
-    "adaptive_steps": ("adam", "adam_no_l2", "adam_lr_1e-4", "rmsprop", "rmsprop_no_l2"),
+    "adaptive_steps": ("adam", "adam_no_l2", "adam_lr_3e-4", "adam_lr_1e-4", "rmsprop",
+                       "rmsprop_no_l2", "rmsprop_lr_1e-4"),
     "lsuv_inputs": ("init_lsuv", "init_lsuv_normalize", "normalize"),
     "class_relu": ("init_lsuv", "init_lsuv_no_class_relu", "init_he_uniform",
                    "init_he_uniform_no_class_relu"),
@@ -177,6 +181,18 @@ def is_complete(folder: str | os.PathLike) -> bool:
     epochs_done = len(rows) - 1 >= int(config.get("epochs", EPOCHS))
     return ((status == "finished" and epochs_done) or status == "terminated_on_nan") and (
         folder / "batches.csv").is_file()
+
+
+def finished_runs(results: str | os.PathLike, keys: Iterable[str]
+                  ) -> Iterator[tuple[str, int, Path, dict]]:
+    """Each finished run (``is_complete``) under ``results/<key>/seed<k>``, key by key, seeds in
+    order: the key, the seed, the folder and its ``config.json`` (notebooks 08 and 10)."""
+    for key in keys:
+        folders = [f for f in Path(results, key).glob("seed*") if f.name[4:].isdigit()]
+        for folder in sorted(folders, key=lambda f: int(f.name[4:])):
+            if is_complete(folder):
+                config = json.loads((folder / "config.json").read_text())
+                yield key, int(folder.name[4:]), folder, config
 
 
 #: Accuracies the time-to-accuracy ladder is read at: 85%, the seed's 90.88%, the paper's 92.75%.

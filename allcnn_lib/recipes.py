@@ -26,8 +26,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: machines): the plain All-CNN-C at batch 128 (2026-11-28), and the recipe's whole epoch, batch
 #: norm and validation included (45,000 images in 815 s, 2026-12-01), both with TensorFlow's
 #: default kernels; oneDNN's (``allcnn_lib`` turns them on) train the recipe ~1.25x faster on
-#: AVX2, but AVX2 instances differ: a slower one ran its whole epoch with them at 55-57
-#: images/s (notebook 10, 2026-12-01). A rough figure for notebooks 06 and 10's estimates.
+#: AVX2, but AVX2 instances differ: slower ones ran its whole epoch with them at 55-60
+#: images/s (notebook 10, three executions, 2026-12-01). A rough figure for notebooks 06 and
+#: 10's estimates.
 AVX2_IMAGES_PER_S = 55
 
 

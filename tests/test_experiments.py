@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_grid_runs_each_configuration_once_per_seed():
     order = ex.run_order()
     keys = [(c.key, s) for c, s in order]
-    assert len(keys) == len(set(keys)) == sum(len(c.seeds) for c in ex.CONFIGS.values()) == 44
+    assert len(keys) == len(set(keys)) == sum(len(c.seeds) for c in ex.CONFIGS.values()) == 48
     assert keys[:2] == [("baseline", 0), ("baseline", 1)]
     # a third seed where the first two disagree; --seeds keeps only the given ones
     assert [(c.key, s) for c, s in ex.run_order(seeds=[2])] == [("init_glorot_normal", 2),
@@ -57,6 +57,9 @@ def test_grid_runs_each_configuration_once_per_seed():
     ("adam_no_l2", {"optimizer": "adam", "weight_decay": 0.0}),
     ("rmsprop_no_l2", {"optimizer": "rmsprop", "rho": 0.9, "weight_decay": 0.0}),
     ("adam_lr_1e-4", {"optimizer": "adam", "learning_rate": 1e-4, "weight_decay": 5e-4}),
+    ("adam_lr_3e-4", {"optimizer": "adam", "learning_rate": 3e-4, "weight_decay": 5e-4}),
+    ("rmsprop_lr_1e-4", {"optimizer": "rmsprop", "rho": 0.9, "learning_rate": 1e-4,
+                         "weight_decay": 5e-4}),
 ])
 def test_each_configuration_parses_to_its_settings(key, expected):
     args = cli.build_parser().parse_args(ex.CONFIGS[key].command(1, "runs"))
@@ -97,6 +100,19 @@ def test_is_complete_keeps_finished_runs_only(tmp_path):
     (ex.result_dir(tmp_path, "baseline", 0) / "batches.csv").unlink()
     assert not ex.is_complete(ex.result_dir(tmp_path, "baseline", 0))
     assert not ex.is_complete(tmp_path / "nothing")
+
+
+def test_finished_runs_walks_the_keys_in_order_and_skips_unfinished_runs(tmp_path):
+    for seed in (10, 2, 0):
+        _fake_run(ex.result_dir(tmp_path, "baseline", seed), [0.2, 0.3, 0.4 + seed / 100])
+    _fake_run(ex.result_dir(tmp_path, "adam", 0), [0.3, 0.4], status="running")  # unfinished
+    _fake_run(ex.result_dir(tmp_path, "adam", 1), [0.3, 0.4, 0.5])
+    _fake_run(tmp_path / "adam" / "seed1.old", [0.3, 0.4, 0.5])  # not a seed folder
+    runs = list(ex.finished_runs(tmp_path, ["adam", "baseline", "rmsprop"]))  # no rmsprop folder
+    assert [(key, seed) for key, seed, _, _ in runs] == [
+        ("adam", 1), ("baseline", 0), ("baseline", 2), ("baseline", 10)]
+    assert all(folder == ex.result_dir(tmp_path, key, seed) for key, seed, folder, _ in runs)
+    assert all(config["run"]["status"] == "finished" for *_, config in runs)
 
 
 def _runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -60,7 +60,11 @@ def test_default_learning_rates_and_override():
 def test_inverse_time_schedule_is_the_seeds_keras2_decay(k):
     """lr_k = 0.01 / (1 + 1e-6 k): what Keras 2's SGD(decay=1e-6) did and Keras 3 dropped."""
     opt = make_optimizer("sgd", schedule="inverse_time")
-    assert isinstance(opt._learning_rate, keras.optimizers.schedules.InverseTimeDecay)
+    schedule = opt.get_config()["learning_rate"]  # the public, serialized schedule
+    assert schedule["class_name"] == "InverseTimeDecay"
+    assert schedule["config"] | {"name": None} == {
+        "initial_learning_rate": 0.01, "decay_steps": 1, "decay_rate": 1e-6, "staircase": False,
+        "name": None}
     assert current_learning_rate(opt, k) == pytest.approx(0.01 / (1 + 1e-6 * k), rel=1e-6)
 
 
