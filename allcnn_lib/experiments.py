@@ -169,18 +169,22 @@ def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
     return list(dict.fromkeys(pairs))
 
 
-def is_complete(folder: str | os.PathLike) -> bool:
-    """A finished run (every epoch in its history), or one stopped by a NaN loss."""
-    folder = Path(folder)
+def _finished_config(folder: Path) -> dict | None:
+    """The ``config.json`` of a finished run in ``folder`` (``is_complete``), else None."""
     try:
         config = json.loads((folder / "config.json").read_text())
         rows = (folder / "history.csv").read_text().strip().splitlines()
     except (OSError, ValueError):
-        return False
+        return None
     status = config.get("run", {}).get("status")
     epochs_done = len(rows) - 1 >= int(config.get("epochs", EPOCHS))
-    return ((status == "finished" and epochs_done) or status == "terminated_on_nan") and (
-        folder / "batches.csv").is_file()
+    finished = (status == "finished" and epochs_done) or status == "terminated_on_nan"
+    return config if finished and (folder / "batches.csv").is_file() else None
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """A finished run (every epoch in its history), or one stopped by a NaN loss."""
+    return _finished_config(Path(folder)) is not None
 
 
 def finished_runs(results: str | os.PathLike, keys: Iterable[str]
@@ -188,11 +192,11 @@ def finished_runs(results: str | os.PathLike, keys: Iterable[str]
     """Each finished run (``is_complete``) under ``results/<key>/seed<k>``, key by key, seeds in
     order: the key, the seed, the folder and its ``config.json`` (notebooks 08 and 10)."""
     for key in keys:
-        folders = [f for f in Path(results, key).glob("seed*") if f.name[4:].isdigit()]
-        for folder in sorted(folders, key=lambda f: int(f.name[4:])):
-            if is_complete(folder):
-                config = json.loads((folder / "config.json").read_text())
-                yield key, int(folder.name[4:]), folder, config
+        seeds = sorted((int(f.name[4:]), f) for f in Path(results, key).glob("seed*")
+                       if f.name[4:].isdigit())
+        for seed, folder in seeds:
+            if (config := _finished_config(folder)) is not None:
+                yield key, seed, folder, config
 
 
 #: Accuracies the time-to-accuracy ladder is read at: 85%, the seed's 90.88%, the paper's 92.75%.
