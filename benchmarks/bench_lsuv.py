@@ -46,7 +46,7 @@ def repository_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
 
 
 def lsuv_repository_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
-                      seed: int | None = None) -> dict[str, dict[str, float]]:
+                            seed: int | None = None) -> dict[str, dict[str, float]]:
     """The seed repository's LSUV (after LSUV-keras), slow by design: it skips layers with
     fewer than 32 outputs per image, pre-initializes with ``repository_orthonormal``, and builds
     a new model and calls ``predict`` to measure Var on every iteration. Returns ``lsuv``'s
