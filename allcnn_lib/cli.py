@@ -56,6 +56,9 @@ def _checked(convert: Callable[[str], Any], expected: str,
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 BOOL = _checked(lambda t: _BOOLS.get(t.lower()), "1/0 (or true/false)")
 POSITIVE_INT = _checked(int, "an integer >= 1", lambda v: v >= 1)
+COUNT = _checked(int, "an integer >= 0", lambda v: v >= 0)
+CROP = _checked(int, f"an integer from {runs.CROP_SIZES[0]} to {runs.CROP_SIZES[-1]} (pixels)",
+                lambda v: v in runs.CROP_SIZES)
 SHIFT = _checked(int, "an integer from 0 to 16 (pixels)", lambda v: 0 <= v <= 16)
 SEED = _checked(int, f"an integer from 0 to {2**32 - 1:,}", lambda v: 0 <= v < 2**32)
 LIMIT = _checked(int, "a multiple of 10 (a class-balanced subset of the 10 classes)",
@@ -98,6 +101,9 @@ TRAIN_FLAGS = (
     ("--augment", bool, "random translations and horizontal flips"),
     ("--max-shift", SHIFT, "largest translation in pixels (default: 10%% of the side)"),
     ("--shift-fill", runs.SHIFT_FILLS, "border of a translated image"),
+    ("--crop-epochs", COUNT, "train the first N epochs on random --crop-size crops "
+                             "(progressive resizing: cheaper epochs)"),
+    ("--crop-size", CROP, "side of those crops in pixels"),
     ("--normalize", bool, "standardize each channel (not with --zca)"),
     ("--zca", bool, "the paper's global contrast normalization and ZCA whitening"),
     ("--zca-epsilon", POSITIVE, "added to the covariance's eigenvalues"),

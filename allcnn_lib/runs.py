@@ -51,6 +51,9 @@ SHIFT_FILLS = ("zero", "reflect")
 TRAIN_ON = ("split", "all")  # all: the 50,000 training images, no validation split
 DEFAULT_LEARNING_RATES = {"sgd": 0.01, "rmsprop": 0.001, "adam": 0.001}
 MAX_SHIFT = 0.1  # largest translation, as a fraction of the image side (3 px of 32)
+#: Sides of ``crop_size``: up to CIFAR-10's 32 px, down to the smallest that leaves All-CNN-C's
+#: ``valid`` conv7 a 3 x 3 map after the two stride-2 stages (9 -> 5 -> 3).
+CROP_SIZES = range(9, 33)
 PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
 #: Values older run folders wrote, when "seed" also named the seed repository's settings.
 RENAMED = {"variant": ("seed", "repository"), "schedule": ("seed", "inverse_time")}
@@ -63,6 +66,8 @@ class TrainConfig:
     ``None`` means a default: ``learning_rate`` from ``DEFAULT_LEARNING_RATES``,
     ``steps_per_epoch`` one pass, ``limit`` all images, ``backup_dir`` under ~/.cache/allcnn,
     ``verbose`` a progress bar on a terminal. ``recipe`` names the preset (``RECIPES``).
+    ``crop_epochs``: the first N epochs train on random ``crop_size`` crops
+    (``training.crop_first``).
     """
 
     run_id: str | None = None
@@ -103,6 +108,8 @@ class TrainConfig:
     tta_flip: bool = False
     tta_shift: int = 0
     recipe: str | None = None
+    crop_epochs: int = 0
+    crop_size: int = 24
 
     def __post_init__(self) -> None:
         for name, choices in (("arch", ARCHS), ("variant", VARIANTS), ("init", INITIALIZERS),
@@ -121,6 +128,12 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.tta_shift < 0:
             raise ValueError(f"tta_shift must be >= 0, got {self.tta_shift}")
+        if not 0 <= self.crop_epochs <= self.epochs:
+            raise ValueError(f"crop_epochs {self.crop_epochs} is not from 0 to the run's "
+                             f"{self.epochs} epochs; lower crop_epochs or raise epochs")
+        if self.crop_size not in CROP_SIZES:
+            raise ValueError(f"crop_size must be from {CROP_SIZES[0]} to {CROP_SIZES[-1]} "
+                             f"pixels, got {self.crop_size}")
         if self.run_id is None:
             self.run_id = f"{self.arch}_{self.init}_{self.optimizer}_seed{self.seed}"
         if not self.run_id or "/" in self.run_id or self.run_id in (".", ".."):

@@ -176,6 +176,26 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 1
     return ds.prefetch(2).with_options(options)
 
 
+def crop_first(stream: tf.data.Dataset, size: int, batches: int) -> tf.data.Dataset:
+    """Progressive resizing, crop mode: the first ``batches`` batches of ``stream`` cut to their
+    central ``size`` x ``size`` pixels, the later ones whole. After random shifts of up to
+    ``(side - size) / 2`` px these are random crops (24 of 32 with the recipe's 4 px shifts,
+    none reaching the padding); a fully convolutional network with global average pooling
+    trains on them at about ``(size / side)**2`` of the cost (fast.ai's progressive resizing;
+    MosaicML Composer's ``mode="crop"``). Batch indices count from the stream's start, so a
+    resumed run's ``skip`` keeps them."""
+
+    def crop(index: tf.Tensor, element: tuple) -> tuple:
+        images = element[0]
+        top = (tf.shape(images)[1] - size) // 2
+        left = (tf.shape(images)[2] - size) // 2
+        return (tf.cond(index < batches,
+                        lambda: images[:, top:top + size, left:left + size], lambda: images),
+                *element[1:])
+
+    return stream.enumerate().map(crop)
+
+
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -439,7 +459,9 @@ def _build(config: TrainConfig, data: CIFAR10, steps_per_epoch: int) -> keras.Mo
     model = build_model(config.arch, variant=config.variant, batch_norm=config.batch_norm,
                         dropout=config.dropout, initializer=base_initializer(config.init),
                         weight_decay=config.weight_decay, class_relu=config.class_relu,
-                        input_shape=data.x_train.shape[1:], num_classes=len(data.class_names))
+                        input_shape=((None, None, data.x_train.shape[-1]) if config.crop_epochs
+                                     else data.x_train.shape[1:]),
+                        num_classes=len(data.class_names))
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = config.bn_momentum
@@ -523,6 +545,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *, overwrite: bool =
     val_ds = (make_dataset(data.x_val, data.y_val, config.batch_size, preprocess=preprocess,
                            num_classes=one_hot) if len(data.y_val) else None)
     steps_per_epoch = config.steps_per_epoch or len(data.y_train) // config.batch_size
+    stream = (crop_first(train_ds, config.crop_size, config.crop_epochs * steps_per_epoch)
+              if config.crop_epochs else train_ds)
 
     previous_policy = keras.config.dtype_policy()
     if config.mixed_precision:
@@ -560,7 +584,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None, *, overwrite: bool =
         try:
             # One endless stream: a resumed run skips the batches it has seen (same order,
             # shifts and flips as without the interruption).
-            model.fit(train_ds.skip(initial_epoch * steps_per_epoch), validation_data=val_ds,
+            model.fit(stream.skip(initial_epoch * steps_per_epoch), validation_data=val_ds,
                       epochs=config.epochs, initial_epoch=initial_epoch,
                       steps_per_epoch=steps_per_epoch, verbose=1 if verbose else 0,
                       callbacks=[*callbacks, *own], shuffle=False)

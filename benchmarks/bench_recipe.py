@@ -115,8 +115,9 @@ def _data(n_train: int, n_val: int = 0):
     return x[:n_train], y[:n_train], xv[:n_val], yv[:n_val], source
 
 
-def _keras_model(steps_per_epoch: int):
-    """The recipe's model, compiled with its optimizer, loss and metric (policy already set)."""
+def _keras_model(steps_per_epoch: int, input_shape: tuple = (32, 32, 3)):
+    """The recipe's model, compiled with its optimizer, loss and metric (policy already set);
+    ``input_shape=(None, None, 3)``: for any side, as ``train`` builds it for ``crop_epochs``."""
     import keras
 
     from allcnn_lib.models import build_model
@@ -124,7 +125,7 @@ def _keras_model(steps_per_epoch: int):
 
     r = _recipe()
     model = build_model("allcnn", batch_norm=r["batch_norm"], dropout=r["dropout"],
-                        weight_decay=r["weight_decay"])
+                        weight_decay=r["weight_decay"], input_shape=input_shape)
     model.compile(
         optimizer=make_optimizer("sgd", learning_rate=r["learning_rate"], schedule="onecycle",
                                  steps_per_epoch=steps_per_epoch, epochs=r["epochs"],

@@ -251,6 +251,9 @@ def test_seed_flags_are_aliases_of_long_options():
     (["--seed", "-1"], "argument --seed: expected an integer from 0 to 4,294,967,295"),
     (["--limit", "105"], "argument --limit: expected a multiple of 10"),
     (["--max-shift", "40"], "argument --max-shift: expected an integer from 0 to 16"),
+    (["--crop-epochs", "-1"], "argument --crop-epochs: expected an integer >= 0, got -1"),
+    (["--crop-size", "8"], "argument --crop-size: expected an integer from 9 to 32 (pixels), "
+                           "got 8"),
     (["evaluate", "--weights", "w", "--tta-shift", "-1"], "argument --tta-shift: expected an "
                                                           "integer from 0 to 16"),
     (["--id", "a/b"], "argument -id/--id/--run-id: expected a plain folder name, got a/b"),
@@ -267,6 +270,8 @@ def test_bad_flags_exit_2_naming_the_flag(args, message, capsys):
 
 @pytest.mark.parametrize("args, quick, needles", [
     (["--normalize", "--zca"], True, ["normalize", "zca", "not both"]),
+    (["--epochs", "2", "--crop-epochs", "3"], True,
+     ["crop_epochs 3 is not from 0 to the run's 2 epochs", "lower crop_epochs or raise epochs"]),
     (["--limit", "100", "-batchsize", "128"], True,
      ["--limit 100 leaves 90 training images", "--batch-size 128", "raise --limit to 140"]),
     (["--limit", "3000"], True, ["--limit 3000: class 0 has 200 examples", "lower --limit"]),

@@ -157,6 +157,8 @@ def test_runner_refuses_the_sample_and_runs_one_tiny_configuration(tmp_path):
     ("recipe/no_normalize", {"normalize": False}),
     ("recipe/no_class_relu", {"class_relu": False}),
     ("recipe/ladder_20", {"epochs": 20, "tta_shift": 1}),
+    ("recipe/crop24_10", {"epochs": 10, "crop_epochs": 7, "crop_size": 24}),
+    ("recipe/crop24_12", {"epochs": 12, "crop_epochs": 9, "crop_size": 24}),
 ])
 def test_each_recipe_configuration_removes_one_trick(key, expected):
     args = cli.parse_arguments(ex.RECIPE_CONFIGS[key].command(0, "runs"))

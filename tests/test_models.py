@@ -205,6 +205,21 @@ def test_batch_norm_variant(arch):
     assert model.count_params() == hand_count(arch, bias=False, bn=True)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_smallest_training_crop_goes_through_every_network(arch):
+    """``runs.CROP_SIZES`` starts at the smallest side the paper's networks take, built with
+    ``input_shape=(None, None, 3)`` as ``train`` does for ``crop_epochs``. (A side one smaller
+    fails on a fresh model; once ``predict`` has traced a graph for any side, it returns numbers
+    without an error, which is why ``TrainConfig`` checks the side.)"""
+    from allcnn_lib.runs import CROP_SIZES
+
+    model = M.build_model(arch, batch_norm=True, dropout=False, input_shape=(None, None, 3))
+    with pytest.raises(ValueError, match="Negative dimension size"):
+        model.predict(np.zeros((2, CROP_SIZES[0] - 1, CROP_SIZES[0] - 1, 3)), verbose=0)
+    for side in (CROP_SIZES[0], 24, 32):
+        assert model.predict(np.zeros((2, side, side, 3)), verbose=0).shape == (2, 10)
+
+
 # --------------------------------------------------------------------------- initializers
 
 

@@ -26,6 +26,7 @@ from allcnn_lib.training import (
     TrainConfig,
     backup_epoch,
     base_initializer,
+    crop_first,
     current_learning_rate,
     finish_initialization,
     make_dataset,
@@ -224,6 +225,29 @@ def test_make_dataset_drop_remainder_and_one_hot(cifar_sample):
     labels = batches[0][1]
     assert labels.shape == (32, 10)
     np.testing.assert_array_equal(labels.sum(axis=1), 1)
+
+
+def test_crop_first_cuts_the_first_batches_of_the_same_stream(cifar_sample):
+    """The first 3 batches are the central 24 x 24 pixels of the batches the stream yields
+    anyway (after 4 px shifts: random crops); later ones are whole; ``skip`` keeps the count."""
+    x, y = cifar_sample.x_train[:40], cifar_sample.y_train[:40]
+
+    def stream():
+        return make_dataset(x, y, 8, training=True, augment=True, seed=5, repeat=True,
+                            max_shift=4, shift_fill="reflect")
+
+    whole = [b[0].numpy() for b in stream().take(6)]
+    cut = crop_first(stream(), 24, 3)
+    assert cut.element_spec[0].shape.as_list() == [8, None, None, 3]
+    got = [b[0].numpy() for b in cut.take(6)]
+    assert [g.shape[1:3] for g in got] == [(24, 24)] * 3 + [(32, 32)] * 3
+    for w, g in zip(whole[:3], got[:3], strict=True):
+        np.testing.assert_array_equal(g, w[:, 4:28, 4:28])
+    for w, g in zip(whole[3:], got[3:], strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert [b[0].shape[1] for b in cut.skip(2).take(2)] == [24, 32]
+    odd = next(iter(crop_first(stream(), 9, 1)))[0]  # the smallest crop, off-centre by half
+    np.testing.assert_array_equal(odd.numpy(), whole[0][:, 11:20, 11:20])
 
 
 # --------------------------------------------------------------------------- initialization
@@ -480,6 +504,13 @@ def test_train_config_validates_and_names_runs(tmp_path):
                 {"normalize": True, "zca": True}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
+    with pytest.raises(ValueError, match="crop_epochs 6 is not from 0 to the run's 5 epochs; "
+                                         "lower crop_epochs or raise epochs"):
+        TrainConfig(epochs=5, crop_epochs=6)
+    for side in (8, 33):
+        with pytest.raises(ValueError, match=f"crop_size must be from 9 to 32 pixels, got {side}"):
+            TrainConfig(epochs=5, crop_epochs=1, crop_size=side)
+    assert TrainConfig(epochs=5, crop_epochs=5, crop_size=9).crop_epochs == 5
 
 
 def test_training_curves_figure(tmp_path):
@@ -520,9 +551,12 @@ def test_gcn_zca_in_the_pipeline_matches_the_numpy_reference(cifar_sample):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_an_interrupted_train_resumes_to_the_same_numbers(cifar_sample, tmp_path, monkeypatch):
+@pytest.mark.parametrize("crop_epochs", [0, 1])
+def test_an_interrupted_train_resumes_to_the_same_numbers(cifar_sample, tmp_path, monkeypatch,
+                                                          crop_epochs):
     """Ctrl-C in epoch 2, then ``train`` again: it resumes from the backup (weights, optimizer,
-    dropout seeds, the data pipeline's position) and logs what an uninterrupted run logs."""
+    dropout seeds, the data pipeline's position) and logs what an uninterrupted run logs. With
+    ``crop_epochs=1`` epoch 1 trains on 24 x 24 crops and the resumed epoch 2 on whole images."""
     from allcnn_lib.data import CIFAR10
 
     data = CIFAR10(cifar_sample.x_train[:96], cifar_sample.y_train[:96],
@@ -533,9 +567,11 @@ def test_an_interrupted_train_resumes_to_the_same_numbers(cifar_sample, tmp_path
     def config(run_id: str) -> TrainConfig:
         return TrainConfig(run_id=run_id, arch="strided", epochs=2, batch_size=32, seed=2,
                            runs_dir=str(tmp_path / "runs"), backup_dir=str(tmp_path / run_id),
-                           verbose=False)
+                           verbose=False, crop_epochs=crop_epochs)
 
     reference = training.train(config("ref"), data)
+    side = None if crop_epochs else 32  # a network for any side when it trains on crops
+    assert reference.model.input_shape == (None, side, side, 3)
 
     class Interrupt(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
