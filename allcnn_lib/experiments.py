@@ -107,20 +107,6 @@ RECIPE_CONFIGS: dict[str, Config] = {c.key: c for c in (
     *(Config(f"recipe/{key}", label, flags, RECIPE_FLAGS) for key, label, flags in _REMOVALS),
     *(Config(f"recipe/ladder_{e}", f"fast recipe, {e} epochs", ("--epochs", str(e)),
              RECIPE_FLAGS, test=True) for e in (10, 20)),
-    # Progressive resizing (--crop-epochs): the 10-epoch rung's budget with the first epochs
-    # on random 24 x 24 crops, about 0.56 of a whole epoch's cost each, and a rung of about
-    # the same cost as 8 whole epochs.
-    *(Config(f"recipe/crop24_{e}", f"fast recipe, {e} epochs, the first {c} on 24 px crops",
-             ("--epochs", str(e), "--crop-epochs", str(c), "--crop-size", "24"),
-             RECIPE_FLAGS, test=True) for e, c in ((10, 7), (12, 9))),
-    # A pilot of the same idea on 20,000 images (18,000 + 2,000 validation), batch 128 at
-    # lr 0.1: crops against whole images at the same epochs, and at about the same cost.
-    *(Config(f"recipe/pilot_{name}", f"pilot, 20,000 images, {label}",
-             ("--limit", "20000", "--batch-size", "128", "--lr", "0.1", "--epochs", str(e),
-              "--crop-epochs", str(c)), RECIPE_FLAGS)
-      for name, label, e, c in (("whole_4", "4 epochs", 4, 0),
-                                ("crop24_4", "4 epochs, the first 3 on 24 px crops", 4, 3),
-                                ("crop24_6", "6 epochs, the first 5 on 24 px crops", 6, 5))),
     # The final runs, on all 50,000 images, each sized to about two hours: the first shipped
     # model (2-core AMD EPYC), then the shipped one, with batch 128 and lr 0.1 (the ablation's
     # best variation) for 40 epochs (2-core Intel Xeon with AMX-BF16).
@@ -134,6 +120,24 @@ RECIPE_CONFIGS: dict[str, Config] = {c.key: c for c in (
     # statistics: Keras' momentum 0.99 and L2 5e-4 (run as recipe_full_seed0 before the fix).
     Config("recipe/draft", "first draft: batch-norm momentum 0.99 and L2 5e-4",
            ("--bn-momentum", "0.99", "--weight-decay", "5e-4"), RECIPE_FLAGS),
+)}
+
+#: Progressive resizing (``--crop-epochs``), not yet part of the recipe nor of notebook 10: rungs
+#: of the ladder sized for notebook 06's 15-minute target (the 10-epoch rung's budget with the
+#: first epochs on random 24 x 24 crops, about 0.56 of a whole epoch's multiply-adds each, and
+#: a rung of about the cost of 8 whole epochs), and a pilot on 20,000 images (18,000 + 2,000
+#: validation) at batch 128 and lr 0.1: crops against whole images at the same epochs, and at
+#: about the same cost.
+RESIZING_CONFIGS: dict[str, Config] = {c.key: c for c in (
+    *(Config(f"recipe/crop24_{e}", f"fast recipe, {e} epochs, the first {c} on 24 px crops",
+             ("--epochs", str(e), "--crop-epochs", str(c), "--crop-size", "24"),
+             RECIPE_FLAGS, test=True) for e, c in ((10, 7), (12, 9))),
+    *(Config(f"recipe/pilot_{name}", f"pilot, 20,000 images, {label}",
+             ("--limit", "20000", "--batch-size", "128", "--lr", "0.1", "--epochs", str(e),
+              "--crop-epochs", str(c)), RECIPE_FLAGS)
+      for name, label, e, c in (("whole_4", "4 epochs", 4, 0),
+                                ("crop24_4", "4 epochs, the first 3 on 24 px crops", 4, 3),
+                                ("crop24_6", "6 epochs, the first 5 on 24 px crops", 6, 5))),
 )}
 
 #: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
@@ -151,7 +155,8 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "class_relu": ("init_lsuv", "init_lsuv_no_class_relu", "init_he_uniform",
                    "init_he_uniform_no_class_relu"),
 }
-#: The fast recipe's ablation and time-to-accuracy ladder (``make recipe``).
+#: The fast recipe's ablation, time-to-accuracy ladder (``make recipe``), progressive
+#: resizing and final runs.
 RECIPE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "recipe_ablation": ("recipe/full", *(f"recipe/{key}" for key, _, _ in _REMOVALS)),
     "recipe_ladder": ("recipe/ladder_10", "recipe/ladder_20"),
@@ -177,7 +182,8 @@ def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
     """(configuration, seed) pairs, each once, experiment by experiment, the seeds of a
     configuration together: a partial grid completes whole experiments. ``seeds`` keeps only
     those of each configuration's seeds."""
-    grids, configs = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}, {**CONFIGS, **RECIPE_CONFIGS}
+    grids = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}
+    configs = {**CONFIGS, **RECIPE_CONFIGS, **RESIZING_CONFIGS}
     unknown = [e for e in experiments if e not in grids]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(grids)}")

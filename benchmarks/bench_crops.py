@@ -12,7 +12,7 @@ ratio of conv multiply-adds (``common.conv_macs`` of the network built at each s
 
 Prints a table; writes ``benchmarks/results/crops.json``.
 
-    .venv/bin/python benchmarks/bench_crops.py   # ~6 min on 2 AVX2-only cores (float32)
+    .venv/bin/python benchmarks/bench_crops.py   # ~3 min on 2 AVX2-only cores (float32)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def measure(sides: list[int], batch: int, steps: int, warmup: int, rounds: int,
                 ds = crop_first(ds, side, 2**31 - 1)
             timer = batch_timer()
             model.fit(ds, epochs=1, steps_per_epoch=steps + warmup, callbacks=[timer],
-                      verbose=0)
+                      verbose=0, shuffle=False)
             times[side] += timer.times[warmup:]
     macs = {side: conv_macs(build_model("allcnn", batch_norm=True, dropout=False,
                                         input_shape=(side, side, 3))) for side in sides}

@@ -160,6 +160,12 @@ def machine_sentence(flags: dict) -> str:
             "BF16 machine, so absolute figures and the bfloat16 target do not carry over.")
 
 
+def simd_name(flags: dict) -> str:
+    """The widest SIMD of a machine's flags: "AVX-512 + BF16", "AVX-512" or "AVX2+FMA"."""
+    return ("AVX-512" + (" + BF16" if flags.get("avx512_bf16") else "")
+            if flags.get("avx512f") else "AVX2+FMA" if flags.get("avx2") else "?")
+
+
 def summary(folder: Path) -> dict[str, str]:
     """The headline figures of one set of result files (the current one or a history folder)."""
     speed, lsuv, zca, ev, run, rec, peak = (
@@ -174,11 +180,10 @@ def summary(folder: Path) -> dict[str, str]:
         r = rows.get((impl, mode, batch))
         return f"{r['images_per_s']:.1f}" if r else "-"
 
-    simd = ("AVX-512" + (" + BF16" if flags.get("avx512_bf16") else "")
-            if flags.get("avx512f") else "AVX2+FMA" if flags.get("avx2") else "?")
     return {
         "date": first.get("date", "?")[:10],
-        "machine": f"{machine.get('model', '?')}, {machine.get('cpus', '?')} CPUs, {simd}",
+        "machine": f"{machine.get('model', '?')}, {machine.get('cpus', '?')} CPUs, "
+                   f"{simd_name(flags)}",
         "ours / torch train b128": f"{ips('ours', 'train', 128)} / "
                                    f"{ips('torch-loop', 'train', 128)}",
         "ours / torch inference b256": f"{ips('ours', 'infer', 256)} / "
@@ -303,6 +308,29 @@ def conv_profile_section(prof: dict | None, rec: dict | None) -> list[str]:
                      f"(batch norm, ReLU, casts, loss, update, input) costs "
                      f"{whole - conv_s:.2f} s ({100 * (whole - conv_s) / whole:.0f}%)")
         out.append(line + ".")
+    return out + [""]
+
+
+def crop_section(crops: dict | None) -> list[str]:
+    """Progressive resizing (``bench_crops.py``): the recipe's training step on crops of each
+    side against whole images, on the machine that measured it (named: it may not be this
+    page's)."""
+    out = ["### Progressive resizing: the recipe's step on smaller crops\n"]
+    if not crops:
+        return out + ["not measured yet (`benchmarks/bench_crops.py`, not part of `make bench`)\n"]
+    machine, rows = crops["machine"], crops["rows"]
+    out.append(f"`benchmarks/bench_crops.py`, {crops['date']}, on {machine.get('model', '?')} "
+               f"with {machine.get('cpus', '?')} CPUs ({simd_name(machine.get('flags', {}))}), "
+               f"{rows[0]['precision']}: the recipe's path (`make_dataset`, `crop_first`, `fit`) "
+               f"through one network built for any side, as `allcnn train --crop-epochs N "
+               f"--crop-size S` trains its first N epochs; batch {crops['batch_size']}, median of "
+               f"{crops['steps_per_side']} steps per side, the sides taking turns; load "
+               f"{load_avg(crops)}.\n")
+    out.append("| crop side | images/s | step s (min-max) | speed-up | ideal (conv MACs) |")
+    out.append("|---:|---:|---|---:|---:|")
+    out += [f"| {r['side']} | **{r['images_per_s']:.1f}** | {r['min_step_s']:.2f}-"
+            f"{r['max_step_s']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x |"
+            for r in rows]
     return out + [""]
 
 
@@ -576,6 +604,7 @@ def main() -> int:
 
     out.extend(recipe_section(rec, peak))
     out.extend(conv_profile_section(load("profile_convs"), rec))
+    out.extend(crop_section(load("crops")))
 
     w("## Other timings\n")
     w("| what | measured | load |\n|---|---|---|")

@@ -11,7 +11,8 @@ batch norm + mixed_bfloat16 against PyTorch, ~9 min on the 2-core AVX-512 machin
 2026-11-30, torch.compile's compilation included) includes a whole epoch of the recipe (~4-5
 min more); ``--no-recipe-epoch`` leaves the epoch out (the report then shows no epoch figure).
 ``profile_convs.py`` then times each bfloat16 convolution of that step alone, in TensorFlow
-and in PyTorch (~1-2 min).
+and in PyTorch (~1-2 min). ``bench_crops.py`` (the recipe's step on the crops of progressive
+resizing, ``--crop-epochs``; ~3 min on 2 AVX2-only cores) is not part of it: run it alone.
 The wall time of the run goes to ``benchmarks/results/run_all.json``.
 """
 

@@ -139,6 +139,19 @@ def test_recipe_targets_without_a_result_or_bfloat16():
     assert "not available" in make_report.bf16_peak_row(peak)
 
 
+def test_crop_section_renders_each_side_and_names_its_machine():
+    assert "not measured yet" in make_report.crop_section(None)[1]
+    rows = [{"side": side, "images_per_s": ips, "min_step_s": 0.5, "max_step_s": 0.7,
+             "precision": "float32", "speedup": ips / 50.0, "ideal_speedup": (32 / side) ** 2}
+            for side, ips in ((32, 50.0), (24, 86.0))]
+    crops = {"date": "2026-12-01T21:41:00+00:00", "batch_size": 128, "steps_per_side": 20,
+             "machine": {"model": "AMD EPYC", "cpus": 2, "flags": {"avx2": True}},
+             "load_average_before": [0.7] * 3, "load_average_after": [1.8] * 3, "rows": rows}
+    text = "\n".join(make_report.crop_section(crops))
+    assert "AMD EPYC with 2 CPUs (AVX2+FMA), float32" in text and "load 0.7 -> 1.8" in text
+    assert "| 24 | **86.0** | 0.50-0.70 | 1.72x | 1.78x |" in text
+
+
 def test_peak_for_picks_the_ceiling_by_precision():
     peak = {"rows": {"fma loop": {"cpu_time_gflops": 250.0, "best_gflops": 200.0}},
             "bf16_dot_loop": {"available": True, "cpu_time_gflops": 500.0}}

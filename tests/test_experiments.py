@@ -159,9 +159,13 @@ def test_runner_refuses_the_sample_and_runs_one_tiny_configuration(tmp_path):
     ("recipe/ladder_20", {"epochs": 20, "tta_shift": 1}),
     ("recipe/crop24_10", {"epochs": 10, "crop_epochs": 7, "crop_size": 24}),
     ("recipe/crop24_12", {"epochs": 12, "crop_epochs": 9, "crop_size": 24}),
+    ("recipe/pilot_whole_4", {"epochs": 4, "limit": 20000, "batch_size": 128,
+                              "learning_rate": 0.1}),
+    ("recipe/pilot_crop24_6", {"epochs": 6, "crop_epochs": 5, "limit": 20000,
+                               "batch_size": 128, "learning_rate": 0.1}),
 ])
 def test_each_recipe_configuration_removes_one_trick(key, expected):
-    args = cli.parse_arguments(ex.RECIPE_CONFIGS[key].command(0, "runs"))
+    args = cli.parse_arguments({**ex.RECIPE_CONFIGS, **ex.RESIZING_CONFIGS}[key].command(0, "runs"))
     assert args.recipe == "fast" and args.run_id == ex.run_id(key, 0)
     assert args.run_id == key.replace("/", "_") + "_seed0"
     for name, value in expected.items():
