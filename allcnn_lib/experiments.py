@@ -161,8 +161,8 @@ RECIPE_EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "recipe_ablation": ("recipe/full", *(f"recipe/{key}" for key, _, _ in _REMOVALS)),
     "recipe_ladder": ("recipe/ladder_10", "recipe/ladder_20"),
     "recipe_crops": ("recipe/crop24_10", "recipe/crop24_12"),
-    "recipe_crop_pilot": ("recipe/pilot_whole_4", "recipe/pilot_crop24_4",
-                          "recipe/pilot_crop24_6"),
+    "recipe_crop_pilot": ("recipe/pilot_whole_4", "recipe/pilot_crop24_6",
+                          "recipe/pilot_crop24_4"),
     "recipe_final": ("recipe/final_all_24", "recipe/final_all_b128_40"),
 }
 
