@@ -140,6 +140,9 @@ RESIZING_CONFIGS: dict[str, Config] = {c.key: c for c in (
                                 ("crop24_6", "6 epochs, the first 5 on 24 px crops", 6, 5))),
 )}
 
+#: Every configuration a run of ``run_order`` may name.
+ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RECIPE_CONFIGS, **RESIZING_CONFIGS}
+
 #: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
 #: all Glorot uniform (its -init flag never reached the model), so the baseline is that.
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
@@ -182,8 +185,7 @@ def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
     """(configuration, seed) pairs, each once, experiment by experiment, the seeds of a
     configuration together: a partial grid completes whole experiments. ``seeds`` keeps only
     those of each configuration's seeds."""
-    grids = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}
-    configs = {**CONFIGS, **RECIPE_CONFIGS, **RESIZING_CONFIGS}
+    grids, configs = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}, ALL_CONFIGS
     unknown = [e for e in experiments if e not in grids]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(grids)}")

@@ -51,10 +51,10 @@ def measure(sides: list[int], batch: int, steps: int, warmup: int, rounds: int,
             times[side] += timer.times[warmup:]
     macs = {side: conv_macs(build_model("allcnn", batch_norm=True, dropout=False,
                                         input_shape=(side, side, 3))) for side in sides}
-    reference = spread(times[sides[0]], batch)["images_per_s"]
-    return [{"side": side, **spread(times[side], batch), "batch_size": batch,
-             "precision": policy, "data": source, "conv_macs_per_image": macs[side],
-             "speedup": spread(times[side], batch)["images_per_s"] / reference,
+    stats = {side: spread(times[side], batch) for side in sides}
+    return [{"side": side, **stats[side], "batch_size": batch, "precision": policy,
+             "data": source, "conv_macs_per_image": macs[side],
+             "speedup": stats[side]["images_per_s"] / stats[sides[0]]["images_per_s"],
              "ideal_speedup": macs[sides[0]] / macs[side]} for side in sides]
 
 

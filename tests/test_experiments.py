@@ -165,7 +165,7 @@ def test_runner_refuses_the_sample_and_runs_one_tiny_configuration(tmp_path):
                                "batch_size": 128, "learning_rate": 0.1}),
 ])
 def test_each_recipe_configuration_removes_one_trick(key, expected):
-    args = cli.parse_arguments({**ex.RECIPE_CONFIGS, **ex.RESIZING_CONFIGS}[key].command(0, "runs"))
+    args = cli.parse_arguments(ex.ALL_CONFIGS[key].command(0, "runs"))
     assert args.recipe == "fast" and args.run_id == ex.run_id(key, 0)
     assert args.run_id == key.replace("/", "_") + "_seed0"
     for name, value in expected.items():
