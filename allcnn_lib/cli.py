@@ -101,8 +101,8 @@ TRAIN_FLAGS = (
     ("--augment", bool, "random translations and horizontal flips"),
     ("--max-shift", SHIFT, "largest translation in pixels (default: 10%% of the side)"),
     ("--shift-fill", runs.SHIFT_FILLS, "border of a translated image"),
-    ("--crop-epochs", COUNT, "train the first N epochs on random --crop-size crops "
-                             "(progressive resizing: cheaper epochs)"),
+    ("--crop-epochs", COUNT, "train the first N epochs on --crop-size crops, random with "
+                             "--augment, central without (progressive resizing: cheaper epochs)"),
     ("--crop-size", CROP, "side of those crops in pixels"),
     ("--normalize", bool, "standardize each channel (not with --zca)"),
     ("--zca", bool, "the paper's global contrast normalization and ZCA whitening"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the four experiments (``allcnn_lib.experiments``) one process at a time, resumably.
+"""Run the experiments of ``allcnn_lib.experiments`` one process at a time, resumably.
 
     python scripts/run_experiments.py --list                    # the grid and what is done
     python scripts/run_experiments.py                           # everything not done yet
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from allcnn_lib import experiments as ex  # noqa: E402
+from allcnn_lib.cli import POSITIVE_INT  # noqa: E402
 
 
 def copy_results(run_dir: Path, target: Path) -> None:
@@ -92,13 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-sample", action="store_true",
                     help="run on the shipped sample when the full data is missing (a test of "
                          "the pipeline; its results do not belong in results/)")
-    ap.add_argument("--max-runs", type=int, help="stop after this many runs")
+    ap.add_argument("--max-runs", type=POSITIVE_INT, help="stop after this many runs")
     ap.add_argument("--list", action="store_true", help="print the grid and what is done")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("extra", nargs="*", help="more flags for every run (after --)")
     args = ap.parse_args(argv)
 
     order = ex.run_order(args.experiments, args.seeds)
+    if not order:  # e.g. --seeds 2 for experiments whose configurations have seeds 0 and 1
+        print(f"error: no configuration of {', '.join(args.experiments)} has a seed in --seeds "
+              f"{' '.join(map(str, args.seeds))}; choose from "
+              f"{' '.join(map(str, sorted({s for _, s in ex.run_order(args.experiments)})))}",
+              file=sys.stderr)
+        return 2
     todo = [(c, s) for c, s in order
             if not ex.is_complete(ex.result_dir(args.results, c.key, s))]
     if args.list or args.dry_run:
@@ -133,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             record_machine(run_dir)
             copy_results(run_dir, target)
             print(f"  {rid}: test set scored once -> {target / ex.TEST_FILE}", flush=True)
-    for n, (config, seed) in enumerate(todo[:args.max_runs], 1):
+    batch = todo[:args.max_runs]  # this call's runs
+    for n, (config, seed) in enumerate(batch, 1):
         rid = ex.run_id(config.key, seed)
         cmd = [sys.executable, "-m", "allcnn_lib",
                *config.command(seed, args.runs_dir, "--backup-dir", args.backup_root / rid,
                                *data_flags, *args.extra)]
         log = args.runs_dir / f"{rid}.log"
         start = time.perf_counter()
-        print(f"[{n}/{len(todo)}] {rid}: allcnn {' '.join(cmd[3:])}  (log: {log})", flush=True)
+        print(f"[{n}/{len(batch)}] {rid}: allcnn {' '.join(cmd[3:])}  (log: {log})", flush=True)
         if ex.is_complete(args.runs_dir / rid):  # trained before its results were copied
             rc = 0  # (allcnn train refuses to retrain a finished run without --overwrite)
         else:

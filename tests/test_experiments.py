@@ -131,10 +131,24 @@ def test_runner_refuses_the_sample_and_runs_one_tiny_configuration(tmp_path):
             "strided"]
     proc = _runner(*common, "--allow-sample", "--max-runs", "1", *tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 to go" in proc.stdout and "[1/1] baseline_seed0" in proc.stdout, proc.stdout
     out = ex.result_dir(tmp_path / "res", "baseline", 0)
     assert sorted(p.name for p in out.iterdir()) == sorted(ex.RESULT_FILES)
     assert ex.is_complete(out)
     assert "1 of 4 runs done" in _runner(*common, "--list", cwd=tmp_path).stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-runs", "0"], "argument --max-runs: expected an integer >= 1, got 0"),
+    (["--max-runs", "-1"], "argument --max-runs: expected an integer >= 1, got -1"),
+    (["--seeds", "7"], "error: no configuration of optimizers has a seed in --seeds 7; "
+                       "choose from 0 1"),
+])
+def test_runner_refuses_flags_that_would_run_nothing_or_the_wrong_runs(tmp_path, flags, message):
+    proc = _runner("--experiments", "optimizers", "--results", str(tmp_path / "res"), *flags,
+                   "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) <= 160
 
 
 # --------------------------------------------------------------------------- the fast recipe
