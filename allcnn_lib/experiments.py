@@ -185,12 +185,12 @@ def run_order(experiments: Sequence[str] = tuple(EXPERIMENTS),
     """(configuration, seed) pairs, each once, experiment by experiment, the seeds of a
     configuration together: a partial grid completes whole experiments. ``seeds`` keeps only
     those of each configuration's seeds."""
-    grids, configs = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}, ALL_CONFIGS
+    grids = {**EXPERIMENTS, **RECIPE_EXPERIMENTS}
     unknown = [e for e in experiments if e not in grids]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(grids)}")
-    pairs = [(configs[key], seed) for e in experiments for key in grids[e]
-             for seed in configs[key].seeds if seeds is None or seed in seeds]
+    pairs = [(ALL_CONFIGS[key], seed) for e in experiments for key in grids[e]
+             for seed in ALL_CONFIGS[key].seeds if seeds is None or seed in seeds]
     return list(dict.fromkeys(pairs))
 
 

@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
     order = ex.run_order(args.experiments, args.seeds)
     if not order:  # e.g. --seeds 2 for experiments whose configurations have seeds 0 and 1
+        offered = sorted({seed for _, seed in ex.run_order(args.experiments)})
         print(f"error: no configuration of {', '.join(args.experiments)} has a seed in --seeds "
-              f"{' '.join(map(str, args.seeds))}; choose from "
-              f"{' '.join(map(str, sorted({s for _, s in ex.run_order(args.experiments)})))}",
+              f"{' '.join(map(str, args.seeds))}; choose from {' '.join(map(str, offered))}",
               file=sys.stderr)
         return 2
     todo = [(c, s) for c, s in order
