@@ -102,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     order = ex.run_order(args.experiments, args.seeds)
     if not order:  # e.g. --seeds 2 for experiments whose configurations have seeds 0 and 1
         offered = sorted({seed for _, seed in ex.run_order(args.experiments)})
-        print(f"error: no configuration of {', '.join(args.experiments)} has a seed in --seeds "
-              f"{' '.join(map(str, args.seeds))}; choose from {' '.join(map(str, offered))}",
-              file=sys.stderr)
-        return 2
+        ap.error(f"no configuration of {', '.join(args.experiments)} has a seed in --seeds "
+                 f"{' '.join(map(str, args.seeds))}; choose from {' '.join(map(str, offered))}")
     todo = [(c, s) for c, s in order
             if not ex.is_complete(ex.result_dir(args.results, c.key, s))]
     if args.list or args.dry_run:
