@@ -80,17 +80,29 @@ def main() -> int:
                     help="with --out: render the saved notebooks to HTML without executing them")
     ap.add_argument("only", nargs="*", help="name prefixes of the notebooks to run")
     args = ap.parse_args()
+    if args.render_only and args.inplace:
+        ap.error("--render-only renders saved notebooks to HTML; use it with --out FOLDER, "
+                 "not --inplace")
+    if args.timeout < 1:
+        ap.error(f"--timeout must be at least 1 second, got {args.timeout}")
+    every = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    notebooks = [p for p in every if p.name.startswith(tuple(args.only or [""]))]
+    if not notebooks:
+        ap.error(f"no notebook name starts with {' or '.join(args.only) or 'two digits'}; "
+                 f"choose from {' '.join(p.name[:2] for p in every)}")
+    if args.out is not None:
+        try:  # a folder that cannot be written fails here, not after the first notebook ran
+            for sub in ("notebooks", "html"):
+                write_atomic("", args.out / sub / ".write_test")
+                (args.out / sub / ".write_test").unlink()
+        except OSError as err:
+            ap.error(f"cannot write to --out {args.out} ({err.strerror}); "
+                     "choose a folder you can write")
 
     import nbformat
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
 
-    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if args.only:
-        notebooks = [p for p in notebooks if p.name.startswith(tuple(args.only))]
-    if not notebooks:
-        print("no notebooks matched", file=sys.stderr)
-        return 2
     mode = "quick" if os.environ.get("ALLCNN_QUICK") else "standard"
     print(f"rendering {len(notebooks)} saved notebooks" if args.render_only else
           f"executing {len(notebooks)} notebooks ({mode} mode)")

@@ -307,6 +307,28 @@ def test_committed_files_record_no_machine_paths():
 # --------------------------------------------------------------------------- quiet tools
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "{tmp}/out", "99"], "error: no notebook name starts with 99; choose from 00 01"),
+    (["--inplace", "--render-only"], "error: --render-only renders saved notebooks to HTML; "
+                                     "use it with --out FOLDER, not --inplace"),
+    (["--out", "{tmp}/out", "--timeout", "0"], "error: --timeout must be at least 1 second, "
+                                               "got 0"),
+    (["--out", "{tmp}/a_file/out"], "error: cannot write to --out {tmp}/a_file/out (Not a "
+                                    "directory); choose a folder you can write"),
+])
+def test_notebook_runner_refuses_bad_flags_in_one_line_before_starting(tmp_path, flags, message):
+    """``scripts/run_notebooks.py`` answers a flag that would run nothing, or write nowhere, with
+    one argparse line (exit 2) before it imports Jupyter or executes a notebook."""
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebooks.py"),
+                           *(flag.format(tmp=tmp_path) for flag in flags)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("run_notebooks.py: error:")
+    assert proc.stdout == "" and not (tmp_path / "out" / "notebooks").exists()
+
+
 def test_notebook_kernels_talk_over_ipc_without_the_tcp_warning(tmp_path, capfd):
     """``make run`` (scripts/run_notebooks.py) starts each kernel on IPC sockets, so Jupyter's
     "Kernel is running over TCP without encryption" warning is not printed once a notebook."""
