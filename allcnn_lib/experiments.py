@@ -78,7 +78,7 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
     Config("adam_lr_1e-4", "Adam at lr 1e-4 (not 1e-3)", ("--optimizer", "adam", "--lr", "1e-4")),
     Config("adam_lr_3e-4", "Adam at lr 3e-4", ("--optimizer", "adam", "--lr", "3e-4")),
     Config("rmsprop_no_l2", "RMSprop, rho 0.9, without L2",
-           ("--optimizer", "rmsprop", "--weight-decay", "0")),
+           ("--optimizer", "rmsprop", "--weight-decay", "0"), seeds=(0, 1, 2)),
     Config("rmsprop_lr_1e-4", "RMSprop, rho 0.9, at lr 1e-4 (not 1e-3)",
            ("--optimizer", "rmsprop", "--lr", "1e-4")),
 )}

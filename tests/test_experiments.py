@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_grid_runs_each_configuration_once_per_seed():
     order = ex.run_order()
     keys = [(c.key, s) for c, s in order]
-    assert len(keys) == len(set(keys)) == sum(len(c.seeds) for c in ex.CONFIGS.values()) == 49
+    assert len(keys) == len(set(keys)) == sum(len(c.seeds) for c in ex.CONFIGS.values()) == 50
     assert keys[:2] == [("baseline", 0), ("baseline", 1)]
     # a third seed where the first two disagree; --seeds keeps only the given ones
     assert [(c.key, s) for c, s in ex.run_order(seeds=[2])] == [
-        ("init_glorot_normal", 2), ("no_dropout", 2), ("adam_no_l2", 2)]
+        ("init_glorot_normal", 2), ("no_dropout", 2), ("adam_no_l2", 2), ("rmsprop_no_l2", 2)]
     assert {c.key for c, _ in ex.run_order(["class_relu"], seeds=[0])} == {
         "init_lsuv", "init_lsuv_no_class_relu", "init_he_uniform",
         "init_he_uniform_no_class_relu"}
