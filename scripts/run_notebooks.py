@@ -92,7 +92,7 @@ def main() -> int:
                  f"choose from {' '.join(p.name[:2] for p in every)}")
     if args.out is not None:
         try:  # a folder that cannot be written fails here, not after the first notebook ran
-            for sub in ("notebooks", "html"):
+            for sub in ("html",) if args.render_only else ("notebooks", "html"):
                 write_atomic("", args.out / sub / ".write_test")
                 (args.out / sub / ".write_test").unlink()
         except OSError as err:

@@ -318,11 +318,16 @@ def test_committed_files_record_no_machine_paths():
 ])
 def test_notebook_runner_refuses_bad_flags_in_one_line_before_starting(tmp_path, flags, message):
     """``scripts/run_notebooks.py`` answers a flag that would run nothing, or write nowhere, with
-    one argparse line (exit 2) before it imports Jupyter or executes a notebook."""
+    one argparse line (exit 2) before it imports Jupyter (blocked here: importing it would fail)
+    or executes a notebook."""
     (tmp_path / "a_file").write_text("")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebooks.py"),
-                           *(flag.format(tmp=tmp_path) for flag in flags)],
-                          capture_output=True, text=True, timeout=60)
+    argv = ["run_notebooks.py", *(flag.format(tmp=tmp_path) for flag in flags)]
+    script = ROOT / "scripts" / "run_notebooks.py"
+    no_jupyter = ("import runpy, sys; sys.modules.update(dict.fromkeys(('nbformat', 'nbclient', "
+                  f"'nbconvert'))); sys.argv = {argv!r}; runpy.run_path({str(script)!r}, "
+                  "run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", no_jupyter], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message.format(tmp=tmp_path) in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("run_notebooks.py: error:")
