@@ -206,7 +206,7 @@ def _weights_file(path: str | os.PathLike, arch: str | None) -> Path:
     return path
 
 
-def _check_writable(folder: str | os.PathLike, flag: str, label: str | None = None) -> None:
+def check_writable(folder: str | os.PathLike, flag: str, label: str | None = None) -> None:
     """Stop when ``folder`` (made later if absent) cannot be written."""
     folder = Path(folder).expanduser()
     existing = runs.nearest_existing(folder.absolute())
@@ -294,8 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                             if k in fields and v is not None})
     if not args.overwrite:
         _refuse_finished(config.run_dir, config.run_id)
-    _check_writable(config.runs_dir, "--runs-dir")
-    _check_writable(config.resolved_backup_dir(), "--backup-dir")
+    check_writable(config.runs_dir, "--runs-dir")
+    check_writable(config.resolved_backup_dir(), "--backup-dir")
     if args.retrain:
         weights = args.weights or (args.run_id and config.run_dir / runs.LAST_WEIGHTS)
         if not weights:
@@ -332,7 +332,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     weights = _weights_file(args.weights, args.arch)
     run_config = runs.load_run_config(weights) or {}  # a damaged one stops here, in one line
     out = Path(args.out or weights.parent / "confusion_matrix.png")
-    _check_writable(out.parent, "--out", None if args.out else "the weights' folder")
+    check_writable(out.parent, "--out", None if args.out else "the weights' folder")
     data = _load_data(args, test_limit=args.limit, validation_size=0)
 
     _import_tensorflow_quietly()
@@ -388,7 +388,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not (run_dir / runs.HISTORY_CSV).is_file():
         raise CLIError(f"{run_dir}: no history.csv (not a training run folder?)")
     out = Path(args.out or run_dir)
-    _check_writable(out, "--out")
+    check_writable(out, "--out")
     from allcnn_lib.plots import save_run_plots
 
     for path in save_run_plots(run_dir, out).values():

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def execute(path: Path, timeout: int) -> tuple[object, float]:
@@ -90,14 +91,13 @@ def main() -> int:
     if not notebooks:
         ap.error(f"no notebook name starts with {' or '.join(args.only) or 'two digits'}; "
                  f"choose from {' '.join(p.name[:2] for p in every)}")
-    if args.out is not None:
-        try:  # a folder that cannot be written fails here, not after the first notebook ran
-            for sub in ("html",) if args.render_only else ("notebooks", "html"):
-                write_atomic("", args.out / sub / ".write_test")
-                (args.out / sub / ".write_test").unlink()
-        except OSError as err:
-            ap.error(f"cannot write to --out {args.out} ({err.strerror}); "
-                     "choose a folder you can write")
+    if args.out is not None:  # the CLI's check: fails here, not after the first notebook ran
+        from allcnn_lib.cli import CLIError, check_writable
+
+        try:
+            check_writable(args.out, "--out")
+        except CLIError as err:
+            ap.error(str(err))
 
     import nbformat
     from nbclient.exceptions import CellExecutionError

@@ -313,8 +313,9 @@ def test_committed_files_record_no_machine_paths():
                                      "use it with --out FOLDER, not --inplace"),
     (["--out", "{tmp}/out", "--timeout", "0"], "error: --timeout must be at least 1 second, "
                                                "got 0"),
-    (["--out", "{tmp}/a_file/out"], "error: cannot write to --out {tmp}/a_file/out (Not a "
-                                    "directory); choose a folder you can write"),
+    (["--out", "{tmp}/a_file/out"], "error: --out {tmp}/a_file/out: cannot write there "
+                                    "({tmp}/a_file is a file, not a folder); choose a writable "
+                                    "--out"),
 ])
 def test_notebook_runner_refuses_bad_flags_in_one_line_before_starting(tmp_path, flags, message):
     """``scripts/run_notebooks.py`` answers a flag that would run nothing, or write nowhere, with
