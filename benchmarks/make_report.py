@@ -614,7 +614,7 @@ def main() -> int:
           f"{med['lsuv']:.2f} s (runs {', '.join(f'{s:.2f}' for s in lsuv['seconds']['lsuv'])})"
           f" | end {lsuv['load_average_1min_at_end']:.1f} |")
         if "lsuv_repository_rebuild" in med:
-            w(f"| LSUV init, the seed's rebuild-per-iteration "
+            w(f"| LSUV init, the original repository's rebuild-per-iteration "
               f"| {med['lsuv_repository_rebuild']:.1f} s "
               f"({lsuv['speedup']:.1f}x slower) | |")
         w(f"| one forward pass of those images | {med['forward']:.2f} s | |")
