@@ -1,7 +1,8 @@
 """The ``allcnn`` command (``python -m allcnn_lib``): ``train``, ``evaluate``, ``plot``,
-``verify-data``. With no subcommand ``train`` is assumed, and the seed's flags (``-id -batchsize
--epochs -init -retrain -weightspath -train -bn -dropout``) are aliases of long options (``-f``,
-Jupyter's kernel file, is ignored): the seed's ``train.py -id X -train 1`` is ``allcnn -id X``.
+``verify-data``. With no subcommand ``train`` is assumed, and the original repository's flags
+(``-id -batchsize -epochs -init -retrain -weightspath -train -bn -dropout``) are aliases of long
+options (``-f``, Jupyter's kernel file, is ignored): the original repository's
+``train.py -id X -train 1`` is ``allcnn -id X``.
 
 Exit codes: 0 done; 2 a bad flag (argparse names it); 1 a run-time error, one line
 ``allcnn: error: <problem>; <fix>`` (``ALLCNN_DEBUG=1``: the traceback); 130 Ctrl-C. Checks that
@@ -73,7 +74,7 @@ FRACTION = _checked(float, "a number >= 0 and < 1", lambda v: 0 <= v < 1)
 #: seed's switches) or an argparse type. The dest is the last flag's name.
 NETWORK_FLAGS = (
     ("--arch", runs.ARCHS, "Model-C, Strided-CNN-C or All-CNN-C"),
-    ("--variant", runs.VARIANTS, "paper (Tables 1 and 2) or the seed repository's deviations"),
+    ("--variant", runs.VARIANTS, "paper (Tables 1 and 2) or the original repository's deviations"),
     ("-bn --bn --batch-norm", "0/1", "batch normalization after every conv"),
     ("-dropout --dropout", "0/1", "dropout 0.2 on the input and 0.5 after downsampling"),
     ("--class-relu", "0/1", "the ReLU after conv9, the class-score conv"))
@@ -90,9 +91,9 @@ TRAIN_FLAGS = (
     ("-init --init", runs.INITIALIZERS, "weight initializer; lsuv = orthogonal + LSUV"),
     ("--optimizer", runs.OPTIMIZERS, "sgd (Nesterov momentum 0.9), rmsprop or adam"),
     ("--lr --learning-rate", POSITIVE, "learning rate (default: runs.DEFAULT_LEARNING_RATES)"),
-    ("--rho", FRACTION, "RMSprop's rho (0.0: the seed's unstable setting)"),
+    ("--rho", FRACTION, "RMSprop's rho (0.0: the original repository's unstable setting)"),
     ("--schedule", runs.SCHEDULES, "paper: x0.1 at 200, 250, 300 of 350 epochs (scaled); "
-                                   "inverse_time: the seed's Keras-2 decay 1e-6; "
+                                   "inverse_time: the original repository's Keras-2 decay 1e-6; "
                                    "onecycle: up 20%%, then down to 0"),
     ("-epochs --epochs", POSITIVE_INT, "epochs"),
     ("--steps-per-epoch", POSITIVE_INT, "batches an epoch, of an endless reshuffled stream "
@@ -135,7 +136,7 @@ def _add(p: argparse.ArgumentParser, rows: Sequence[tuple], defaults: dict[str, 
         default = defaults.get(dest)
         p.add_argument(*flags.split(), dest=dest, default=default, **kw,
                        help=text + ("" if default is None else " (default: %(default)s)"))
-    p.add_argument("-f", help=argparse.SUPPRESS)  # Jupyter's kernel file (the seed's sys.argv)
+    p.add_argument("-f", help=argparse.SUPPRESS)  # Jupyter's kernel file (original sys.argv)
 
 
 def build_parser(recipe: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -281,7 +282,7 @@ def _resolve_mixed_precision(value: bool | str) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``allcnn train`` (``-train 0``: evaluate); every check without TensorFlow comes first."""
-    if not args.train:  # the seed's -train 0
+    if not args.train:  # the original repository's -train 0
         weights = args.weights or (args.run_id and Path(args.runs_dir, args.run_id,
                                                         runs.BEST_WEIGHTS))
         if not weights:
@@ -328,7 +329,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``allcnn evaluate`` (the seed's test.sh): test accuracy, loss, per-class accuracy."""
+    """``allcnn evaluate`` (the original repository's test.sh): test accuracy, loss, per-class
+    accuracy."""
     weights = _weights_file(args.weights, args.arch)
     run_config = runs.load_run_config(weights) or {}  # a damaged one stops here, in one line
     out = Path(args.out or weights.parent / "confusion_matrix.png")

@@ -79,7 +79,7 @@ def build_model(arch: str, *, input_shape: tuple[int, int, int] = (32, 32, 3),
                 class_relu: bool = True) -> keras.Model:
     """Build ``arch`` (``ARCHS``; see the table above) as a chain of layers.
 
-    ``variant="repository"``: the seed repository's deviations (no input dropout, no ReLU after
+    ``variant="repository"``: the original repository's deviations (no input dropout, no ReLU after
     stride-2 convs, conv7 ``same``). ``batch_norm``: conv -> batch norm -> ReLU, no conv bias.
     ``initializer``: a course name, a Keras initializer or ``f(shape, dtype)``.
     ``weight_decay``: Keras ``L2`` (gradient ``2 l w``: 5e-4 is the paper's Caffe 1e-3).

@@ -40,7 +40,7 @@ BATCH_COLUMNS = ("epoch", "batch", "step", "loss", "accuracy", "epoch_loss", "ep
 #: Architecture key -> ``keras.Model.name`` (``models.build_model``).
 MODEL_NAMES = {"modelc": "model_c", "strided": "strided_cnn_c", "allcnn": "all_cnn_c"}
 ARCHS = tuple(MODEL_NAMES)
-VARIANTS = ("paper", "repository")  # Tables 1 and 2, or the seed repository's deviations
+VARIANTS = ("paper", "repository")  # Tables 1 and 2, or the original repository's deviations
 #: ``initializers.get_initializer``'s names, and LSUV (orthogonal, then Algorithm 1).
 INITIALIZERS = ("gaussian", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
                 "orthogonal", "lsuv")
@@ -55,7 +55,7 @@ MAX_SHIFT = 0.1  # largest translation, as a fraction of the image side (3 px of
 #: ``valid`` conv7 a 3 x 3 map after the two stride-2 stages (9 -> 5 -> 3).
 CROP_SIZES = range(9, 33)
 PATH_FIELDS = ("data_dir", "runs_dir", "backup_dir", "initial_weights")
-#: Values older run folders wrote, when "seed" also named the seed repository's settings.
+#: Values older run folders wrote, when "seed" also named the original repository's settings.
 RENAMED = {"variant": ("seed", "repository"), "schedule": ("seed", "inverse_time")}
 
 

@@ -5,7 +5,7 @@ an epoch with a NaN loss or weight is never saved. A run killed mid-epoch and st
 resumes from its last completed epoch with the losses of an uninterrupted run (CPU): the backup
 keeps the dropout seeds, and the endless input stream skips the batches already seen.
 
-The seed's Keras-2 ``SGD(lr=0.01, decay=1e-6)`` is ``make_optimizer("sgd",
+The original repository's Keras-2 ``SGD(lr=0.01, decay=1e-6)`` is ``make_optimizer("sgd",
 schedule="inverse_time")``: lr_k = 0.01 / (1 + 1e-6 k).
 """
 
@@ -40,7 +40,7 @@ from allcnn_lib.preprocessing import (
 from allcnn_lib.runs import TrainConfig
 
 PAPER_DROP_EPOCHS, PAPER_EPOCHS = (200, 250, 300), 350  # Sec. 3.2: lr x0.1 after these epochs
-INVERSE_TIME_DECAY = 1e-6  # Keras 2's ``decay`` of the seed repository's SGD
+INVERSE_TIME_DECAY = 1e-6  # Keras 2's ``decay`` of the original repository's SGD
 ONECYCLE_WARMUP_FRACTION = 0.2
 EMA_MOMENTUM = 0.99  # the weights' moving average (``ema``): a horizon of ~100 steps
 LSUV_IMAGES = 256  # LSUV's batch (the paper's is one mini-batch; 256 is steadier)
@@ -65,8 +65,9 @@ def make_schedule(name: str, learning_rate: float, *, steps_per_epoch: int | Non
                   epochs: int | None = None
                   ) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The learning rate ``name`` (``SCHEDULES``) from ``learning_rate``: ``constant``,
-    ``inverse_time`` (the seed's lr / (1 + 1e-6 k)) and, given the run's length, ``paper``
-    (x0.1 at ``paper_boundaries``) or ``onecycle`` (linear up over 20%, then down to 0)."""
+    ``inverse_time`` (the original repository's lr / (1 + 1e-6 k)) and, given the run's length,
+    ``paper`` (x0.1 at ``paper_boundaries``) or ``onecycle`` (linear up over 20%, then down to
+    0)."""
     schedules = keras.optimizers.schedules
     if name == "constant":
         return float(learning_rate)
@@ -104,8 +105,8 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 def make_optimizer(name: str, *, learning_rate: float | None = None, rho: float = 0.9,
                    schedule: str | None = None, steps_per_epoch: int | None = None,
                    epochs: int | None = None, ema: bool = False) -> keras.optimizers.Optimizer:
-    """``sgd`` (the seed's: momentum 0.9, Nesterov), ``rmsprop`` (``rho=0`` is the seed's
-    sign-like step) or ``adam`` at ``DEFAULT_LEARNING_RATES`` unless given, with a
+    """``sgd`` (the original repository's: momentum 0.9, Nesterov), ``rmsprop`` (``rho=0``: the
+    original's sign-like step) or ``adam`` at ``DEFAULT_LEARNING_RATES`` unless given, with a
     ``make_schedule`` schedule; ``ema``: Keras' moving average of the weights, which ``fit``
     copies into the model when it ends."""
     if name not in runs.OPTIMIZERS:

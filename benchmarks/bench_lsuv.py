@@ -1,5 +1,5 @@
 """Time LSUV (Mishkin & Matas 2015, Algorithm 1) on All-CNN-C: ``allcnn_lib.initializers.lsuv``
-against ``lsuv_repository_rebuild``, the seed repository's approach (a new probe model and a
+against ``lsuv_repository_rebuild``, the original repository's approach (a new probe model and a
 ``predict`` from the input image on every iteration of every layer), written here as in
 notebook 03.
 
@@ -38,8 +38,9 @@ TARGET_S = 2.0  # the goal for ours on the 2-core development machine
 
 
 def repository_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
-    """The seed's (and LSUV-keras') ``svd_orthonormal``: it flattens to ``(shape[0], rest)``,
-    right for Theano's (cout, cin, kh, kw) kernels, wrong for Keras' (kh, kw, cin, cout)."""
+    """The original repository's (and LSUV-keras') ``svd_orthonormal``: it flattens to
+    ``(shape[0], rest)``, right for Theano's (cout, cin, kh, kw) kernels, wrong for Keras'
+    (kh, kw, cin, cout)."""
     flat_shape = (shape[0], math.prod(shape[1:]))
     u, _, v = np.linalg.svd(rng.standard_normal(flat_shape), full_matrices=False)
     return (u if u.shape == flat_shape else v).reshape(shape).astype(np.float32)
@@ -47,7 +48,7 @@ def repository_orthonormal(shape, rng: np.random.Generator) -> np.ndarray:
 
 def lsuv_repository_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, t_max: int = 10,
                             seed: int | None = None) -> dict[str, dict[str, float]]:
-    """The seed repository's LSUV (after LSUV-keras), slow by design: it skips layers with
+    """The original repository's LSUV (after LSUV-keras), slow by design: it skips layers with
     fewer than 32 outputs per image, pre-initializes with ``repository_orthonormal``, and builds
     a new model and calls ``predict`` to measure Var on every iteration. Returns ``lsuv``'s
     report."""
@@ -64,7 +65,7 @@ def lsuv_repository_rebuild(model: keras.Model, batch, *, tol_var: float = 0.1, 
         while abs(var - 1.0) > tol_var and iterations < t_max and math.sqrt(var) >= 1e-7:
             layer.kernel.assign(layer.kernel / math.sqrt(var))
             scale, iterations = scale / math.sqrt(var), iterations + 1
-            probe = keras.Model(model.inputs, layer.output)  # rebuilt, as the seed does
+            probe = keras.Model(model.inputs, layer.output)  # rebuilt, as the original does
             var = float(np.var(probe.predict(batch, verbose=0)))
         report[layer.name] = {"var_before": var_before, "var_after": var,
                               "iterations": iterations, "scale": scale}
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repository-repeats", type=int, default=3,
-                        help="runs of the seed repository's slow version (0 skips it)")
+                        help="runs of the original repository's slow version (0 skips it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:20s} {statistics.median(secs):9.2f} {runs:>22s}  "
               f"{statistics.median(secs) / med['forward']:9.2f}")
     if repository_s:
-        print(f"speed-up of lsuv over the seed's rebuild-every-iteration: "
+        print(f"speed-up of lsuv over the original repository's rebuild-every-iteration: "
               f"{med['lsuv_repository_rebuild'] / med['lsuv']:.1f}x")
     print(f"target for lsuv: <= {TARGET_S:.1f} s -> "
           f"{'met' if med['lsuv'] <= TARGET_S else 'not met'} on this machine now")

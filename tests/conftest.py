@@ -52,7 +52,7 @@ def paper_models() -> dict:
 
 @pytest.fixture(scope="module")
 def repository_models() -> dict:
-    """The same three networks as the seed repository built them (seeded), per module."""
+    """The same three networks as the original repository built them (seeded), per module."""
     import keras
 
     from allcnn_lib.models import build_model

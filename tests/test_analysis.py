@@ -65,7 +65,8 @@ def test_macs_parameters_and_receptive_fields_match_hand_counts(paper_models, re
     rf = every["receptive_field"]
     assert {name: rf[name] for name in HAND_RF[arch]} == HAND_RF[arch]
     assert rf["image"] == 1 and rf["relu9"] == rf["conv9"]  # no kernel: the input's field
-    # the seed's deviations (no ReLU after stride-2 convs, conv7 "same") add no weights
+    # the original repository's deviations (no ReLU after stride-2 convs, conv7 "same") add
+    # no weights
     assert A.layer_table(repository_models[arch])["parameters"].sum() == M.ARCH_PARAM_COUNTS[arch]
 
 

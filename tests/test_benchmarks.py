@@ -189,7 +189,8 @@ def test_conv_macs_counts_all_cnn_c():
 
 
 def test_bench_lsuv_seed_loop_skips_small_layers_and_keeps_the_layout_bug():
-    """The benchmark's baseline, the seed's LSUV loop (notebook 03 writes the same code)."""
+    """The benchmark's baseline, the original repository's LSUV loop (notebook 03 writes the
+    same code)."""
     import keras
     import numpy as np
 

@@ -191,8 +191,9 @@ def test_evaluate_prints_test_scores_and_writes_the_confusion_matrix(trained_run
 
 
 def test_train_zero_evaluates_the_runs_best_weights(trained_run):
-    """The seed's ``-train 0 -f KERNEL.json``: the run's best weights on the test set, the
-    network and test-time augmentation from its config.json; Jupyter's ``-f`` is ignored."""
+    """The original repository's ``-train 0 -f KERNEL.json``: the run's best weights on the test
+    set, the network and test-time augmentation from its config.json; Jupyter's ``-f`` is
+    ignored."""
     root, run_dir, _ = trained_run
     proc = run_cli("-id", "e2e", "-train", "0", "--runs-dir", root / "runs", "--limit", "100",
                    "-f", "k.json", cwd=root)

@@ -96,7 +96,8 @@ def test_rows_to_images_channel_first_to_last_on_hand_made_file(tmp_path):
     np.testing.assert_array_equal(image[..., 0], red)
     assert (image[..., 1] == 7).all()
     assert image[2, 5, 2] == 200 and image[..., 2].sum() == 200
-    # The seed's bug: reshaping the rows straight to (32, 32, 3) interleaves the planes.
+    # The original repository's bug: reshaping the rows straight to (32, 32, 3) interleaves the
+    # planes.
     scrambled = row.reshape(32, 32, 3)
     assert not np.array_equal(scrambled, image)
     np.testing.assert_array_equal(x_train[0], image)

@@ -117,7 +117,7 @@ def test_load_trained_model_uses_config_json(tmp_path):
 
 
 def test_config_json_of_older_runs_names_the_repository_variant_seed(tmp_path):
-    """Run folders written before the rename say "seed" for the seed repository's variant."""
+    """Run folders written before the rename say "seed" for the original repository's variant."""
     build_model("allcnn", variant="repository").save_weights(tmp_path / "best.weights.h5")
     (tmp_path / "config.json").write_text(json.dumps(
         {"arch": "allcnn", "variant": "seed", "schedule": "seed"}))

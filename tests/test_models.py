@@ -113,7 +113,7 @@ def test_param_counts_match_hand_count_and_table(paper_models, repository_models
     expected = hand_count(arch)
     assert expected == M.ARCH_PARAM_COUNTS[arch]
     assert paper_models[arch].count_params() == expected
-    assert repository_models[arch].count_params() == expected  # the seed deviations add no weights
+    assert repository_models[arch].count_params() == expected  # no weights in the deviations
     convs = {layer.name: layer for layer in M.conv_layers(paper_models[arch])}
     assert list(convs) == list(CONV_SHAPES[arch])  # conv_layers: in forward order
     for name, (k, c_in, c_out) in CONV_SHAPES[arch].items():
@@ -130,7 +130,8 @@ def test_paper_layer_shapes_and_names(paper_models, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_repository_variant_drops_input_dropout_and_stride2_relus(repository_models, arch):
-    """The seed variant: no input dropout, no ReLU after stride-2 convs, 8x8 maps to the end."""
+    """The original repository's variant: no input dropout, no ReLU after stride-2 convs, 8x8
+    maps to the end."""
     dropped = {"input_dropout"} | {c.replace("conv", "relu") for c in STRIDE2_CONVS[arch]}
     shapes = dict(layer_shapes(repository_models[arch]))
     assert list(shapes) == [name for name, _ in PAPER_SHAPES[arch] if name not in dropped]
