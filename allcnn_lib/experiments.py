@@ -1,4 +1,4 @@
-"""The seed README's four experiments and the fast recipe's ablation, as grids of runs.
+"""The original repository's four experiments and the fast recipe's ablation, as grids of runs.
 
 Each run is ``allcnn train`` with one setting changed from a reference.
 ``scripts/run_experiments.py`` runs a grid and copies each run's small files to
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-#: The budget of the seed's README experiments: 3,000 batches of 32 images.
+#: The budget of the original repository's README experiments: 3,000 batches of 32 images.
 BUDGET_BATCHES = 3000
 BATCH_SIZE = 32
 STEPS_PER_EPOCH = 300  # validation every 300 batches: 10 points per run
 EPOCHS = BUDGET_BATCHES // STEPS_PER_EPOCH
 SEEDS = (0, 1)
 
-#: Flags every run shares: All-CNN-C (paper), the seed's schedule, batch size and SGD-Nesterov.
+#: Flags every run shares: All-CNN-C (paper), the original repository's schedule, batch size and
+#: SGD-Nesterov.
 COMMON_FLAGS = ("--arch", "allcnn", "--variant", "paper", "--schedule", "inverse_time",
                 "--batch-size", str(BATCH_SIZE), "--epochs", str(EPOCHS),
                 "--steps-per-epoch", str(STEPS_PER_EPOCH))
@@ -58,12 +59,12 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
     Config("no_augment", "no augmentation", ("--no-augment",)),
     Config("normalize", "shifts+flips, per-channel normalization", ("--normalize",)),
     Config("zca_0.1", "shifts+flips, GCN + ZCA (eps 0.1)", ("--zca", "--zca-epsilon", "0.1")),
-    Config("zca_1e-6", "shifts+flips, GCN + ZCA (eps 1e-6, the seed's)",
+    Config("zca_1e-6", "shifts+flips, GCN + ZCA (eps 1e-6, the original's)",
            ("--zca", "--zca-epsilon", "1e-6")),
     Config("batch_norm", "batch norm, no dropout", ("--bn", "1", "--dropout", "0")),
     Config("batch_norm_dropout", "batch norm and dropout", ("--bn", "1")),
     Config("no_dropout", "neither", ("--dropout", "0"), seeds=(0, 1, 2)),
-    Config("rmsprop_rho0", "RMSprop, rho 0.0 (the seed's)",
+    Config("rmsprop_rho0", "RMSprop, rho 0.0 (the original's)",
            ("--optimizer", "rmsprop", "--rho", "0.0")),
     Config("rmsprop", "RMSprop, rho 0.9", ("--optimizer", "rmsprop")),
     Config("adam", "Adam", ("--optimizer", "adam")),
@@ -144,8 +145,9 @@ RESIZING_CONFIGS: dict[str, Config] = {c.key: c for c in (
 #: Every configuration a run of ``run_order`` may name.
 ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RECIPE_CONFIGS, **RESIZING_CONFIGS}
 
-#: Each experiment's configurations, the reference first. The seed's runs of experiment 1 were
-#: all Glorot uniform (its -init flag never reached the model), so the baseline is that.
+#: Each experiment's configurations, the reference first. The original repository's runs of
+#: experiment 1 were all Glorot uniform (its -init flag never reached the model), so the baseline
+#: is that.
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "initialization": ("baseline", "init_lsuv", "init_glorot_normal", "init_he_uniform",
                        "init_gaussian"),
@@ -225,7 +227,8 @@ def finished_runs(results: str | os.PathLike, keys: Iterable[str]
                 yield key, seed, folder, config
 
 
-#: Accuracies the time-to-accuracy ladder is read at: 85%, the seed's 90.88%, the paper's 92.75%.
+#: Accuracies the time-to-accuracy ladder is read at: 85%, the original repository's 90.88%, the
+#: paper's 92.75%.
 LADDER_TARGETS = (0.85, 0.9088, 0.9275)
 
 
