@@ -71,7 +71,7 @@ FRACTION = _checked(float, "a number >= 0 and < 1", lambda v: 0 <= v < 1)
 
 
 #: Options as (flags, kind, help); kind: a tuple of choices, bool (--X and --no-X), "0/1" (the
-#: seed's switches) or an argparse type. The dest is the last flag's name.
+#: original repository's switches) or an argparse type. The dest is the last flag's name.
 NETWORK_FLAGS = (
     ("--arch", runs.ARCHS, "Model-C, Strided-CNN-C or All-CNN-C"),
     ("--variant", runs.VARIANTS, "paper (Tables 1 and 2) or the original repository's deviations"),
